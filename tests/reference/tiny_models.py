@@ -163,6 +163,14 @@ def build_tiny_m3(out_dir: str, src_dir: str = COGNITION_DIR, *, seed: int = 0) 
                "special_tokens_map.json", "vocab.txt"):
         if os.path.exists(os.path.join(src_dir, fn)):
             shutil.copyfile(os.path.join(src_dir, fn), os.path.join(out_dir, fn))
+    # BERT tokenizers have no eos_token; FlagEmbedding's M3 compute_score indexes with
+    # tokenizer.eos_token_id and crashes on None.  Declare [SEP] as EOS (XLM-R-like: </s> is both).
+    tc_path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(tc_path, encoding="utf-8") as f:
+        tc = json.load(f)
+    tc["eos_token"] = tc.get("eos_token") or tc.get("sep_token", "[SEP]")
+    with open(tc_path, "w", encoding="utf-8") as f:
+        json.dump(tc, f, indent=2)
     with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
         hidden = json.load(f)["hidden_size"]
     torch.manual_seed(seed)

@@ -244,16 +244,16 @@ REGISTRY: dict[str, ModelSpec] = _build_registry()
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def registry_key(name_or_path: str) -> str:
+def registry_key(name_or_path: str | os.PathLike[str]) -> str:
     """The key FlagEmbedding would look up: the basename, or the parent's for ``checkpoint-*`` folders."""
-    stripped = name_or_path.rstrip("/\\")
+    stripped = os.fspath(name_or_path).rstrip("/\\")
     base = os.path.basename(stripped)
     if base.startswith("checkpoint-"):
         base = os.path.basename(os.path.dirname(stripped))
     return base
 
 
-def lookup(name_or_path: str) -> ModelSpec | None:
+def lookup(name_or_path: str | os.PathLike[str]) -> ModelSpec | None:
     """The registry entry for a hub id, registry name or local path, or None.
 
     Matching is by basename (as ``FlagAutoModel`` does, trailing slashes and ``checkpoint-*`` folders handled)

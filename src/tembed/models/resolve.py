@@ -181,7 +181,7 @@ def _warn_conflicts(name: str, spec: ModelSpec, st: SentenceTransformersConfig) 
         )
 
 
-def resolve_model(name: str) -> ResolvedModel:
+def resolve_model(name: str | os.PathLike[str]) -> ResolvedModel:
     """Find a model's files and the spec to encode it with.
 
     Args:
@@ -190,6 +190,8 @@ def resolve_model(name: str) -> ResolvedModel:
     Raises:
         ModelNotFoundError: the model is nowhere to be found, with a message saying what to do.
     """
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
     if not isinstance(name, str) or not name.strip():
         raise TypeError(f"model must be a non-empty string (a folder, registry name or hub id), got {name!r}")
     path, source = find_model_files(name)
