@@ -130,17 +130,18 @@ def _run_pairwise(model, job, out):
             pairs = [pairs]
         qs, ps = enc([p[0] for p in pairs]), enc([p[1] for p in pairs])
         if lexical:
-            scores = [model.compute_lexical_matching_score(q, p) for q, p in zip(qs, ps)]
+            scores = [model.compute_lexical_matching_score(q, p) for q, p in zip(qs, ps, strict=False)]
         else:
-            scores = [model.colbert_score(q, p) for q, p in zip(qs, ps)]
+            scores = [model.colbert_score(q, p) for q, p in zip(qs, ps, strict=False)]
         out[name] = np.array([float(_to_np(s, np.float64)) for s in scores], dtype=np.float64)
     else:
         qs, ps = enc(job["texts"]), enc(job["passages"])
         if lexical:
             out[name] = _to_np(model.compute_lexical_matching_score(qs, ps), np.float64).reshape(len(qs), len(ps))
         else:
-            out[name] = np.array([[float(_to_np(model.colbert_score(q, p), np.float64)) for p in ps] for q in qs],
-                                 dtype=np.float64)
+            out[name] = np.array(
+                [[float(_to_np(model.colbert_score(q, p), np.float64)) for p in ps] for q in qs], dtype=np.float64
+            )
 
 
 def run_job(job, cache, out):

