@@ -48,3 +48,11 @@ def tiny_decoder_paths(tmp_path_factory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("tiny-decoders")
     return {side: build_tiny_decoder(str(root / side), padding_side=side) for side in ("left", "right")}
+
+
+@pytest.fixture(scope="session")
+def tiny_m3_path(tmp_path_factory, xlmr_tokenizer_json) -> str:
+    """A tiny random BGE-M3 (XLM-R, 8,194 positions, M3 heads) on the real XLM-R tokenizer."""
+    from reference.tiny_models import build_tiny_xlmr_m3
+
+    return build_tiny_xlmr_m3(str(tmp_path_factory.mktemp("tiny-m3")), xlmr_tokenizer_json)

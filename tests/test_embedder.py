@@ -88,9 +88,9 @@ def test_max_batch_tokens_caps_padded_tokens(minilm_path, monkeypatch):
         seen = []
         forward = embedder.backend.forward
 
-        def spy(batch):
+        def spy(batch, **kwargs):
             seen.append(batch.input_ids.shape)
-            return forward(batch)
+            return forward(batch, **kwargs)
 
         monkeypatch.setattr(embedder.backend, "forward", spy)
         embedder.encode(texts)
@@ -163,10 +163,10 @@ def test_oom_shrinks_the_batch_and_keeps_results(minilm_path, monkeypatch):
         expected = embedder.encode(texts)
         forward = embedder.backend.forward
 
-        def limited(batch):
+        def limited(batch, **kwargs):
             if batch.padded_tokens > 600:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return forward(batch)
+            return forward(batch, **kwargs)
 
         monkeypatch.setattr(embedder.backend, "forward", limited)
         with pytest.warns(RuntimeWarning, match="out of memory"):
@@ -182,7 +182,7 @@ def test_oom_shrinks_the_batch_and_keeps_results(minilm_path, monkeypatch):
 def test_oom_on_a_single_text_is_a_clear_error(minilm_path, monkeypatch):
     with Embedder(minilm_path, device="cpu") as embedder:
 
-        def always_oom(batch):
+        def always_oom(batch, **kwargs):
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
         monkeypatch.setattr(embedder.backend, "forward", always_oom)
@@ -195,7 +195,7 @@ def test_other_errors_are_not_treated_as_oom(minilm_path, monkeypatch):
     with Embedder(minilm_path, device="cpu") as embedder:
         calls = []
 
-        def broken(batch):
+        def broken(batch, **kwargs):
             calls.append(len(batch))
             raise RuntimeError("shape mismatch in some layer")
 

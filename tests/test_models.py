@@ -62,7 +62,8 @@ def test_sentence_transformers_files_are_honoured_without_a_registry_entry(minil
 
 def test_a_folder_without_sentence_transformers_files_gets_cls_pooling(splade_path):
     spec = resolve_model(splade_path).spec
-    assert spec.pooling == "cls" and spec.kind == "encoder" and spec.passage_max_length is None
+    assert spec.pooling == "cls" and spec.kind == "splade" and spec.passage_max_length is None
+    assert spec.outputs == ("dense", "sparse")  # a masked-LM head: SPLADE sparse weights
 
 
 def test_decoder_folder_gets_last_token_pooling(tiny_decoder_paths):

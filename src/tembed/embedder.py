@@ -13,6 +13,7 @@ import torch
 
 from tembed.backends.torch_backend import TorchBackend
 from tembed.devices import DeviceLike, resolve_device, resolve_dtype
+from tembed.heads import M3Heads
 from tembed.models.registry import DEFAULT_MODEL, POOLING_METHODS, ModelSpec
 from tembed.models.resolve import ResolvedModel, resolve_model
 from tembed.pipeline import EncodePipeline, HeadConfig
@@ -58,6 +59,9 @@ class Embedder:
         truncate_dim: keep the first ``truncate_dim`` dimensions (Matryoshka) before normalizing.
         show_progress_bar: True / False, or None to show a bar for inputs of 1,024 texts or more.
         trust_remote_code: allow the checkpoint's own code; None: from the registry (default False).
+        outputs: the outputs to load heads for, among ``"dense"``, ``"sparse"``, ``"colbert"``; None: all the
+            model has (BGE-M3: all three, heads from ``colbert_linear.pt`` / ``sparse_linear.pt``, an error if
+            they are missing; SPLADE: dense and sparse). ``("dense",)`` uses an M3 model dense-only.
 
     Example:
         >>> with Embedder("sentence-transformers/all-MiniLM-L6-v2", device="cpu") as embedder:
@@ -83,6 +87,7 @@ class Embedder:
         truncate_dim: int | None = None,
         show_progress_bar: bool | None = None,
         trust_remote_code: bool | None = None,
+        outputs: Sequence[str] | None = None,
     ) -> None:
         if pooling is not None and pooling not in POOLING_METHODS:
             raise ValueError(f"pooling must be one of {', '.join(POOLING_METHODS)}, got {pooling!r}")
@@ -103,8 +108,25 @@ class Embedder:
         dtype = resolve_dtype(precision, self.device)
         remote = spec.trust_remote_code if trust_remote_code is None else trust_remote_code
 
+        wanted = tuple(spec.outputs if outputs is None else outputs)
+        unknown = [name for name in wanted if name not in spec.outputs]
+        if unknown or not wanted:
+            raise ValueError(f"outputs={wanted!r}: this model ({spec.kind}) can produce {', '.join(spec.outputs)}")
+
         self.tokenizer = TextTokenizer(self.resolved.path, trust_remote_code=remote)
-        self.backend = TorchBackend(self.resolved.path, device=self.device, dtype=dtype, trust_remote_code=remote)
+        sparse_kind = None
+        if "sparse" in wanted:
+            sparse_kind = "splade" if spec.kind == "splade" else "m3"
+        self.backend = TorchBackend(
+            self.resolved.path,
+            device=self.device,
+            dtype=dtype,
+            trust_remote_code=remote,
+            masked_lm=sparse_kind == "splade",
+        )
+        m3_heads = None
+        if spec.kind == "m3" and ("sparse" in wanted or "colbert" in wanted):
+            m3_heads = M3Heads.load(self.resolved.path, device=self.device, dtype=dtype)
         if truncate_dim is not None and truncate_dim > self.backend.hidden_size:
             raise ValueError(f"truncate_dim={truncate_dim} exceeds the model's dimension {self.backend.hidden_size}")
         self.max_seq_length: int | None = _model_max_positions(self.backend.config, self.tokenizer)
@@ -128,7 +150,14 @@ class Embedder:
         self.pipeline = EncodePipeline(
             self.tokenizer,
             self.backend,
-            HeadConfig(pooling=pooling or spec.pooling, normalize=normalize, truncate_dim=truncate_dim),
+            HeadConfig(
+                pooling=pooling or spec.pooling,
+                normalize=normalize,
+                truncate_dim=truncate_dim,
+                sparse=sparse_kind,
+                m3_heads=m3_heads,
+                sparse_excluded_ids=frozenset(self.tokenizer.special_ids_without_weight()),
+            ),
         )
         self._closed = False
 
@@ -150,6 +179,16 @@ class Embedder:
     def truncate_dim(self) -> int | None:
         return self.pipeline.heads.truncate_dim
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The outputs this Embedder can produce (``"dense"``, and ``"sparse"`` / ``"colbert"`` when loaded)."""
+        return self.pipeline.heads.outputs
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size: the width of sparse vectors (``sparse_to_csr``)."""
+        return len(self.tokenizer.hf)
+
     # ----------------------------------------------------------------------------------------------- encoding
     def encode(
         self,
@@ -160,7 +199,8 @@ class Embedder:
         max_length: int | None = None,
         batch_size: int | None = None,
         convert_to: ConvertTo = "numpy",
-    ) -> np.ndarray | torch.Tensor:
+        outputs: str | Sequence[str] = "dense",
+    ) -> Any:
         """Embed texts, with an optional instruction.
 
         Args:
@@ -170,11 +210,14 @@ class Embedder:
             max_length: max tokens per text; default ``passage_max_length``. Beyond the model's limit it is
                 clamped with a warning.
             batch_size: most texts per forward pass; default the constructor's.
-            convert_to: ``"numpy"`` (default) or ``"torch"`` (a CPU tensor).
+            convert_to: ``"numpy"`` (default) or ``"torch"`` (a CPU tensor), for dense vectors.
+            outputs: ``"dense"`` (default), ``"sparse"`` or ``"colbert"`` for that output alone, or a sequence
+                of them for an :class:`~tembed.outputs.EncodeOutputs` holding each (one forward pass for all).
 
         Returns:
-            float32 ``(dim,)`` for a string, ``(n, dim)`` for a list of n (``(0, dim)`` for an empty list), in
-            the input order.
+            Dense: float32 ``(dim,)`` for a string, ``(n, dim)`` for a list of n (``(0, dim)`` for an empty
+            list). Sparse: one ``{token_id: weight}`` dict per text. ColBERT: one ``(n_tokens, dim)`` float32
+            array per text. All in the input order.
 
         Raises:
             TypeError: ``texts`` is None or holds a non-string (the index is named).
@@ -188,6 +231,7 @@ class Embedder:
             max_length=max_length if max_length is not None else self.passage_max_length,
             batch_size=batch_size,
             convert_to=convert_to,
+            outputs=outputs,
         )
 
     def encode_queries(
@@ -197,7 +241,8 @@ class Embedder:
         max_length: int | None = None,
         batch_size: int | None = None,
         convert_to: ConvertTo = "numpy",
-    ) -> np.ndarray | torch.Tensor:
+        outputs: str | Sequence[str] = "dense",
+    ) -> Any:
         """Embed search queries: the query instruction is applied, truncated at ``query_max_length``.
 
         Arguments and return value as :meth:`encode`.
@@ -211,6 +256,7 @@ class Embedder:
             max_length=max_length if max_length is not None else self.query_max_length,
             batch_size=batch_size,
             convert_to=convert_to,
+            outputs=outputs,
         )
 
     def encode_corpus(
@@ -220,7 +266,8 @@ class Embedder:
         max_length: int | None = None,
         batch_size: int | None = None,
         convert_to: ConvertTo = "numpy",
-    ) -> np.ndarray | torch.Tensor:
+        outputs: str | Sequence[str] = "dense",
+    ) -> Any:
         """Embed passages: the passage instruction (if any) is applied, truncated at ``passage_max_length``.
 
         Arguments and return value as :meth:`encode`.
@@ -234,6 +281,7 @@ class Embedder:
             max_length=max_length if max_length is not None else self.passage_max_length,
             batch_size=batch_size,
             convert_to=convert_to,
+            outputs=outputs,
         )
 
     def _encode(
@@ -246,23 +294,104 @@ class Embedder:
         max_length: int,
         batch_size: int | None,
         convert_to: ConvertTo,
-    ) -> np.ndarray | torch.Tensor:
+        outputs: str | Sequence[str] = "dense",
+    ) -> Any:
         if self._closed:
             raise RuntimeError("this Embedder is closed")
         if convert_to not in ("numpy", "torch"):
             raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}")
         if batch_size is not None:
             _check_positive("batch_size", batch_size)
+        names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+        self.pipeline.check_outputs(names)
         prepared = apply_instruction(texts, instruction, instruction_format)
-        vectors = self.pipeline.encode(
+        result = self.pipeline.encode(
             prepared,
             max_length=self.clamp_max_length(max_length),
             batch_size=batch_size or self.batch_size,
             max_batch_tokens=self.max_batch_tokens,
+            outputs=names,
             show_progress_bar=self.show_progress_bar,
         )
-        result: np.ndarray | torch.Tensor = torch.from_numpy(vectors) if convert_to == "torch" else vectors
-        return result[0] if single else result
+        if convert_to == "torch" and result.dense is not None:
+            result.dense = torch.from_numpy(result.dense)  # type: ignore[assignment]
+        if single:
+            result = result.first()
+        return result[outputs] if isinstance(outputs, str) else result
+
+    # ----------------------------------------------------------------------------------------------- scores
+    def compute_score(
+        self,
+        pairs: Sequence[tuple[str, str]] | tuple[str, str],
+        *,
+        weights: Sequence[float] = (1.0, 1.0, 1.0),
+        max_query_length: int | None = None,
+        max_passage_length: int | None = None,
+        batch_size: int | None = None,
+    ) -> dict[str, Any]:
+        """Dense, sparse and ColBERT scores of (query, passage) pairs and their weighted mixes (BGE-M3).
+
+        Queries and passages are each encoded once, length-sorted and batched, with all three outputs from one
+        forward pass; no instruction is applied (as in FlagEmbedding).
+
+        Args:
+            pairs: a list of ``(query, passage)`` pairs, or one pair.
+            weights: ``(dense, sparse, colbert)`` weights for the mixed modes (default equal).
+            max_query_length: default ``query_max_length``.
+            max_passage_length: default ``passage_max_length``.
+            batch_size: most texts per forward pass.
+
+        Returns:
+            ``{"colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense"}`` -> a list of floats (a
+            float for one pair). Scale: dense and colbert are cosines in [-1, 1]; sparse is an unnormalized dot
+            product of term weights.
+        """
+        from tembed.scoring import colbert_score, combine_scores, lexical_score
+
+        single = len(pairs) == 2 and all(isinstance(item, str) for item in pairs)
+        pair_list = [pairs] if single else list(pairs)
+        for index, pair in enumerate(pair_list):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise TypeError(f"pairs[{index}] must be a (query, passage) pair, got {pair!r:.80}")
+        queries, _ = check_texts([pair[0] for pair in pair_list], what="queries of pairs")
+        passages, _ = check_texts([pair[1] for pair in pair_list], what="passages of pairs")
+        names = ("dense", "sparse", "colbert")
+        query_outputs = self._encode(
+            queries,
+            single=False,
+            instruction=None,
+            instruction_format=None,
+            max_length=max_query_length or self.query_max_length,
+            batch_size=batch_size,
+            convert_to="numpy",
+            outputs=names,
+        )
+        passage_outputs = self._encode(
+            passages,
+            single=False,
+            instruction=None,
+            instruction_format=None,
+            max_length=max_passage_length or self.passage_max_length,
+            batch_size=batch_size,
+            convert_to="numpy",
+            outputs=names,
+        )
+        dense = np.sum(query_outputs.dense * passage_outputs.dense, axis=1, dtype=np.float64)
+        sparse = np.array(
+            [lexical_score(q, p) for q, p in zip(query_outputs.sparse, passage_outputs.sparse, strict=True)]
+        )
+        colbert = np.array(
+            [colbert_score(q, p) for q, p in zip(query_outputs.colbert, passage_outputs.colbert, strict=True)]
+        )
+        scores = combine_scores(dense, sparse.reshape(dense.shape), colbert.reshape(dense.shape), weights)
+        return {mode: (float(values[0]) if single else values.tolist()) for mode, values in scores.items()}
+
+    def convert_id_to_token(self, weights: dict | Sequence[dict]) -> dict[str, float] | list[dict[str, float]]:
+        """Sparse weights keyed by token text instead of id (one dict in, one dict out; a list gives a list)."""
+        decode = self.tokenizer.hf.decode
+        if isinstance(weights, dict):
+            return {decode([int(token)]): weight for token, weight in weights.items()}
+        return [{decode([int(token)]): weight for token, weight in item.items()} for item in weights]
 
     # ----------------------------------------------------------------------------------------------- lengths
     def clamp_max_length(self, max_length: int, *, warn: bool = True) -> int:

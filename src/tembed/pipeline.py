@@ -11,7 +11,7 @@ import logging
 import warnings
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,7 +20,17 @@ from tqdm.auto import tqdm
 from tembed.backends.base import Backend
 from tembed.batching import plan_batches
 from tembed.devices import is_out_of_memory, release_cached_memory
-from tembed.heads import finish, pool
+from tembed.heads import (
+    M3Heads,
+    colbert_vectors,
+    finish,
+    m3_token_weights,
+    pool,
+    splade_term_weights,
+    token_weights_to_dicts,
+    vocab_weights_to_dicts,
+)
+from tembed.outputs import EncodeOutputs
 from tembed.tokenize import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -37,14 +47,31 @@ class HeadConfig:
     """What the heads do with the last hidden state.
 
     Attributes:
-        pooling: ``"cls"``, ``"mean"`` or ``"last_token"``.
-        normalize: L2-normalize after truncation.
+        pooling: ``"cls"``, ``"mean"`` or ``"last_token"`` (the dense vector).
+        normalize: L2-normalize dense and ColBERT vectors after truncation.
         truncate_dim: keep only the first dimensions (Matryoshka), or None.
+        sparse: how sparse weights are made: ``"m3"`` (``relu(sparse_linear(h))`` per token), ``"splade"``
+            (masked-LM logits) or None (no sparse output).
+        m3_heads: BGE-M3's ``sparse_linear`` / ``colbert_linear``, when the model has them.
+        sparse_excluded_ids: token ids never given a sparse weight (M3: cls, eos, pad, unk).
     """
 
     pooling: str
     normalize: bool = True
     truncate_dim: int | None = None
+    sparse: str | None = None
+    m3_heads: M3Heads | None = None
+    sparse_excluded_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The outputs these heads can produce."""
+        available = ["dense"]
+        if self.sparse is not None:
+            available.append("sparse")
+        if self.m3_heads is not None:
+            available.append("colbert")
+        return tuple(available)
 
 
 class EncodePipeline:
@@ -74,23 +101,30 @@ class EncodePipeline:
         max_length: int,
         batch_size: int,
         max_batch_tokens: int | None = None,
+        outputs: Sequence[str] = ("dense",),
         show_progress_bar: bool | None = None,
-    ) -> np.ndarray:
-        """Vectors for prepared texts.
+    ) -> EncodeOutputs:
+        """Outputs for prepared texts.
 
         Args:
             texts: the texts, instructions already applied.
             max_length: truncate each text to this many tokens (special tokens included).
             batch_size: the most texts per forward pass.
             max_batch_tokens: the most padded tokens per forward pass, or None.
+            outputs: any of ``"dense"``, ``"sparse"``, ``"colbert"``; all come from the same forward pass.
             show_progress_bar: True / False, or None to show it for inputs of 1,024 texts or more.
 
         Returns:
-            (len(texts), dim) float32, in the order of ``texts``.
+            The requested outputs, in the order of ``texts``: dense ``(n, dim)`` float32, sparse a list of
+            ``{token_id: weight}``, colbert a list of ``(n_tokens, dim)`` float32 arrays.
         """
         token_ids = self.tokenizer.encode(texts, max_length)
         return self.encode_tokenized(
-            token_ids, batch_size=batch_size, max_batch_tokens=max_batch_tokens, show_progress_bar=show_progress_bar
+            token_ids,
+            batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens,
+            outputs=outputs,
+            show_progress_bar=show_progress_bar,
         )
 
     def encode_tokenized(
@@ -99,37 +133,76 @@ class EncodePipeline:
         *,
         batch_size: int,
         max_batch_tokens: int | None = None,
+        outputs: Sequence[str] = ("dense",),
         show_progress_bar: bool | None = None,
-    ) -> np.ndarray:
-        """Vectors for already tokenized texts; see :meth:`encode`."""
-        output = np.empty((len(token_ids), self.dim), dtype=np.float32)
+    ) -> EncodeOutputs:
+        """Outputs for already tokenized texts; see :meth:`encode`."""
+        self.check_outputs(outputs)
+        count = len(token_ids)
+        result = EncodeOutputs(
+            dense=np.empty((count, self.dim), dtype=np.float32) if "dense" in outputs else None,
+            sparse=[{}] * count if "sparse" in outputs else None,
+            colbert=[None] * count if "colbert" in outputs else None,  # type: ignore[list-item]
+        )
         if not token_ids:
-            return output
+            return result
         lengths = [len(ids) for ids in token_ids]
         budget = _min_budget(max_batch_tokens, self.token_budget_after_oom)
         pending = deque(plan_batches(lengths, batch_size=batch_size, max_batch_tokens=budget))
-        show = len(token_ids) >= PROGRESS_BAR_MIN_TEXTS if show_progress_bar is None else show_progress_bar
-        with tqdm(total=len(token_ids), desc="Encoding", unit="text", disable=not show, leave=False) as bar:
+        show = count >= PROGRESS_BAR_MIN_TEXTS if show_progress_bar is None else show_progress_bar
+        with tqdm(total=count, desc="Encoding", unit="text", disable=not show, leave=False) as bar:
             while pending:
                 indices = pending.popleft()
                 try:
-                    vectors = self._run_batch([token_ids[i] for i in indices])
+                    batch_result = self._run_batch([token_ids[i] for i in indices], outputs)
                 except Exception as error:
                     if not is_out_of_memory(error):
                         raise
                     pending.extendleft(reversed(self._split_after_oom(indices, lengths, error)))
                     continue
-                output[indices] = vectors
+                _scatter(result, batch_result, indices)
                 bar.update(len(indices))
-        return output
+        return result
 
-    def _run_batch(self, sequences: list[Sequence[int]]) -> np.ndarray:
+    def check_outputs(self, outputs: Sequence[str]) -> None:
+        """Raise ValueError for an output name this model cannot produce."""
+        if not outputs:
+            raise ValueError("ask for at least one of the outputs dense, sparse, colbert")
+        for name in outputs:
+            if name not in self.heads.outputs:
+                raise ValueError(
+                    f"output {name!r} is not available for this model (it has: {', '.join(self.heads.outputs)})"
+                )
+
+    def _run_batch(self, sequences: list[Sequence[int]], outputs: Sequence[str]) -> EncodeOutputs:
+        heads = self.heads
         batch = self.tokenizer.pad(sequences)
-        hidden = self.backend.forward(batch)
+        want_logits = "sparse" in outputs and heads.sparse == "splade"
+        forward = self.backend.forward(batch, want_logits=want_logits)
+        hidden = forward.hidden
         mask = torch.from_numpy(batch.attention_mask).to(hidden.device)
-        vectors = pool(hidden, mask, self.heads.pooling)
-        vectors = finish(vectors, truncate_dim=self.heads.truncate_dim, normalize=self.heads.normalize)
-        return vectors.cpu().numpy()
+        result = EncodeOutputs()
+        if "dense" in outputs:
+            vectors = finish(
+                pool(hidden, mask, heads.pooling), truncate_dim=heads.truncate_dim, normalize=heads.normalize
+            )
+            result.dense = vectors.cpu().numpy()
+        if "sparse" in outputs:
+            if heads.sparse == "splade":
+                result.sparse = vocab_weights_to_dicts(splade_term_weights(forward.logits, mask))  # type: ignore[arg-type]
+            else:
+                weights = m3_token_weights(hidden, heads.m3_heads)  # type: ignore[arg-type]
+                input_ids = torch.from_numpy(batch.input_ids)
+                result.sparse = token_weights_to_dicts(weights * mask, input_ids, set(heads.sparse_excluded_ids))
+        if "colbert" in outputs:
+            result.colbert = colbert_vectors(
+                hidden,
+                mask,
+                heads.m3_heads,
+                truncate_dim=heads.truncate_dim,
+                normalize=heads.normalize,  # type: ignore[arg-type]
+            )
+        return result
 
     def _split_after_oom(self, indices: np.ndarray, lengths: Sequence[int], error: BaseException) -> list[np.ndarray]:
         device = self.backend.device
@@ -149,6 +222,16 @@ class EncodePipeline:
             stacklevel=4,
         )
         return [indices[:half], indices[half:]]
+
+
+def _scatter(result: EncodeOutputs, batch: EncodeOutputs, indices: np.ndarray) -> None:
+    if result.dense is not None:
+        result.dense[indices] = batch.dense
+    for name in ("sparse", "colbert"):
+        target = getattr(result, name)
+        if target is not None:
+            for index, value in zip(indices.tolist(), getattr(batch, name), strict=True):
+                target[index] = value
 
 
 def _min_budget(*budgets: int | None) -> int | None:

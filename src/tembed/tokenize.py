@@ -34,6 +34,11 @@ class TextTokenizer:
         self.padding_side = self.hf.padding_side
         self.returns_token_type_ids = "token_type_ids" in self.hf.model_input_names
 
+    def special_ids_without_weight(self) -> set[int]:
+        """Token ids that never get a sparse weight: CLS, EOS, PAD and UNK, as BGE-M3 does."""
+        ids = (self.hf.cls_token_id, self.hf.eos_token_id, self.hf.pad_token_id, self.hf.unk_token_id)
+        return {int(token) for token in ids if token is not None}
+
     @property
     def model_max_length(self) -> int | None:
         """The tokenizer's declared limit, or None when it declares none."""

@@ -212,3 +212,69 @@ if __name__ == "__main__":
         print(build_tiny_decoder(out, sys.argv[3] if len(sys.argv) > 3 else "left"))
     else:
         sys.exit("usage: tiny_models.py decoder OUT_DIR [left|right] | m3 OUT_DIR")
+
+
+def build_tiny_xlmr_m3(out_dir: str, tokenizer_json: str, *, hidden: int = 32, seed: int = 0) -> str:
+    """A tiny random BGE-M3 on the real XLM-R tokenizer (recipe of shared/reference/offline-models-and-data.md).
+
+    XLM-RoBERTa, 2 layers, ``hidden`` wide, 8,194 positions (bge-m3's 8,192-token window), with
+    ``colbert_linear.pt`` (Linear(hidden, hidden)) and ``sparse_linear.pt`` (Linear(hidden, 1)). The sparse bias
+    is calibrated so that about two thirds of real tokens get a positive weight, as in a trained model.
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaModel
+
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(seed)
+    config = XLMRobertaConfig(
+        vocab_size=250002,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=8194,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        layer_norm_eps=1e-5,
+        architectures=["XLMRobertaModel"],
+        initializer_range=0.5,  # with 0.02 every CLS vector is the same; 1.0 amplifies fp32 round-off
+    )
+    model = XLMRobertaModel(config, add_pooling_layer=False).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    shutil.copy(tokenizer_json, os.path.join(out_dir, "tokenizer.json"))
+    special = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "sep_token": "</s>",
+        "cls_token": "<s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "mask_token": "<mask>",
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(
+            dict(
+                special, tokenizer_class="XLMRobertaTokenizer", model_max_length=8192, clean_up_tokenization_spaces=True
+            ),
+            f,
+        )
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump(special, f)
+    colbert = torch.nn.Linear(hidden, hidden)
+    sparse = torch.nn.Linear(hidden, 1)
+    torch.nn.init.normal_(sparse.weight, std=0.1)
+    # Calibrate: put the bias at the 35th percentile of -w.h over real tokens of sample text.
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    sample = ["What is BGE M3?", "Defination of BM25", "The quick brown fox jumps over the lazy dog."]
+    with torch.no_grad():
+        inputs = tokenizer(sample, padding=True, return_tensors="pt")
+        states = model(**inputs).last_hidden_state[inputs["attention_mask"].bool()]
+        projections = states @ sparse.weight[0]
+        sparse.bias.fill_(float(-torch.quantile(projections, 0.35)))
+    torch.save(colbert.state_dict(), os.path.join(out_dir, "colbert_linear.pt"))
+    torch.save(sparse.state_dict(), os.path.join(out_dir, "sparse_linear.pt"))
+    return out_dir

@@ -4,7 +4,7 @@ Every backend has the same small interface (:class:`tembed.backends.base.Backend
 (tokenize, schedule, heads, finish) is shared.
 """
 
-from tembed.backends.base import Backend, TokenBatch
+from tembed.backends.base import Backend, BackendOutput, TokenBatch
 from tembed.backends.torch_backend import TorchBackend
 
-__all__ = ["Backend", "TokenBatch", "TorchBackend"]
+__all__ = ["Backend", "BackendOutput", "TokenBatch", "TorchBackend"]

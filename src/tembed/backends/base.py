@@ -31,6 +31,19 @@ class TokenBatch:
         return int(self.input_ids.shape[0])
 
 
+@dataclass
+class BackendOutput:
+    """What a forward pass gives the heads.
+
+    Attributes:
+        hidden: (batch, seq, hidden) last hidden state, on the backend's device, in the compute dtype.
+        logits: (batch, seq, vocab) masked-LM logits (SPLADE models, when asked for), else None.
+    """
+
+    hidden: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
 class Backend(Protocol):
     """Runs a model on token batches.
 
@@ -42,8 +55,8 @@ class Backend(Protocol):
     device: torch.device
     hidden_size: int
 
-    def forward(self, batch: TokenBatch) -> torch.Tensor:
-        """The last hidden state, (batch, seq, hidden), on ``device``, in the compute dtype."""
+    def forward(self, batch: TokenBatch, *, want_logits: bool = False) -> BackendOutput:
+        """Run the model; ``want_logits`` asks a masked-LM model for its vocabulary logits too."""
         ...
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from tembed.backends.base import TokenBatch
+from tembed.backends.base import BackendOutput, TokenBatch
 from tembed.devices import release_cached_memory
 
 
@@ -37,19 +37,32 @@ class TorchBackend:
         device: where to run; the weights are moved there once, here.
         dtype: the compute dtype (float32, float16 or bfloat16).
         trust_remote_code: allow the checkpoint's own modelling code.
+        masked_lm: load the masked-LM head too (SPLADE); its logits are computed only when asked for.
     """
 
-    def __init__(self, path: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> None:
-        from transformers import AutoConfig, AutoModel
+    def __init__(
+        self,
+        path: str,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        trust_remote_code: bool = False,
+        masked_lm: bool = False,
+    ) -> None:
+        from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
         self.device = device
         self.dtype = dtype
         self.config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        loader = AutoModelForMaskedLM if masked_lm else AutoModel
         with quiet_transformers():
-            model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = loader.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
         self.model: torch.nn.Module | None = model.to(device).eval()
+        # The encoder alone, for calls that need no vocabulary logits.
+        self.encoder: torch.nn.Module | None = model.base_model if masked_lm else model
+        self.masked_lm = masked_lm
         self.hidden_size = int(getattr(self.config, "hidden_size", 0) or model.get_input_embeddings().embedding_dim)
-        self._accepts_token_type_ids = "token_type_ids" in _forward_parameters(model)
+        self._accepts_token_type_ids = "token_type_ids" in _forward_parameters(self.encoder)
 
     def _tensor(self, array: object) -> torch.Tensor:
         tensor = torch.from_numpy(array)  # type: ignore[arg-type]
@@ -57,20 +70,25 @@ class TorchBackend:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
-    def forward(self, batch: TokenBatch) -> torch.Tensor:
-        """The last hidden state, (batch, seq, hidden), on the device, in the compute dtype."""
-        if self.model is None:
+    def forward(self, batch: TokenBatch, *, want_logits: bool = False) -> BackendOutput:
+        """The last hidden state (and masked-LM logits when asked for and loaded), on the device."""
+        if self.model is None or self.encoder is None:
             raise RuntimeError("this backend is closed")
+        if want_logits and not self.masked_lm:
+            raise ValueError("this model was loaded without a masked-LM head: no vocabulary logits")
         inputs = {"input_ids": self._tensor(batch.input_ids), "attention_mask": self._tensor(batch.attention_mask)}
         if batch.token_type_ids is not None and self._accepts_token_type_ids:
             inputs["token_type_ids"] = self._tensor(batch.token_type_ids)
         with torch.inference_mode():
-            return self.model(**inputs, return_dict=True).last_hidden_state
+            if want_logits:
+                output = self.model(**inputs, output_hidden_states=True, return_dict=True)
+                return BackendOutput(hidden=output.hidden_states[-1], logits=output.logits)
+            return BackendOutput(hidden=self.encoder(**inputs, return_dict=True).last_hidden_state)
 
     def close(self) -> None:
         """Drop the model and give its memory back."""
         if self.model is not None:
-            self.model = None
+            self.model = self.encoder = None
             gc.collect()
             release_cached_memory(self.device)
 

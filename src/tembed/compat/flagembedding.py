@@ -60,6 +60,7 @@ class _FlagFacade:
 
     DEFAULT_POOLING_METHOD = "cls"
     DEFAULT_QUERY_INSTRUCTION_FORMAT = "{}{}"
+    OUTPUTS: tuple[str, ...] = ("dense",)
 
     def __init__(
         self,
@@ -117,6 +118,7 @@ class _FlagFacade:
             precision=precision,
             truncate_dim=truncate_dim,
             trust_remote_code=trust_remote_code,
+            outputs=self.OUTPUTS,
         )
         self.tokenizer = self.embedder.tokenizer.hf
         self.target_devices = [str(self.embedder.device)]
@@ -353,12 +355,6 @@ _CLASS_BY_MODEL_CLASS: dict[EmbedderModelClass, type[_FlagFacade]] = {
 _CLASS_BY_KIND: dict[str, type[_FlagFacade]] = {"encoder": FlagModel, "decoder": FlagLLMModel, "icl": FlagICLModel}
 
 
-def _m3_class() -> type[_FlagFacade]:
-    from tembed.compat import flagembedding_m3
-
-    return flagembedding_m3.BGEM3FlagModel  # type: ignore[return-value]
-
-
 class FlagAutoModel:
     """FlagEmbedding's factory: picks the class, pooling and instruction format from the registry.
 
@@ -389,7 +385,7 @@ class FlagAutoModel:
         """Build the right facade for a model, as ``FlagEmbedding.FlagAutoModel.from_finetuned`` does."""
         if model_class is not None:
             chosen = EmbedderModelClass(model_class)
-            target = _m3_class() if chosen is EmbedderModelClass.ENCODER_ONLY_M3 else _CLASS_BY_MODEL_CLASS[chosen]
+            target = BGEM3FlagModel if chosen is EmbedderModelClass.ENCODER_ONLY_M3 else _CLASS_BY_MODEL_CLASS[chosen]
             pooling_method = pooling_method or target.DEFAULT_POOLING_METHOD
             trust_remote_code = bool(trust_remote_code)
             query_instruction_format = query_instruction_format or "{}{}"
@@ -400,7 +396,7 @@ class FlagAutoModel:
 
                 spec = resolve_model(model_name_or_path).spec
                 logger.info("%s is not in the registry; using its own files: %s", model_name_or_path, spec)
-            target = _m3_class() if spec.kind == "m3" else _CLASS_BY_KIND[spec.kind]
+            target = BGEM3FlagModel if spec.kind == "m3" else _CLASS_BY_KIND[spec.kind]
             pooling_method = pooling_method or spec.pooling
             trust_remote_code = spec.trust_remote_code if trust_remote_code is None else trust_remote_code
             query_instruction_format = query_instruction_format or spec.query_instruction_format
@@ -417,3 +413,15 @@ class FlagAutoModel:
             truncate_dim=truncate_dim,
             **kwargs,
         )
+
+
+from tembed.compat.flagembedding_m3 import BGEM3FlagModel  # noqa: E402  (it builds on _FlagFacade above)
+
+__all__ = [
+    "BGEM3FlagModel",
+    "EmbedderModelClass",
+    "FlagAutoModel",
+    "FlagICLModel",
+    "FlagLLMModel",
+    "FlagModel",
+]

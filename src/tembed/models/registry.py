@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Pooling = Literal["cls", "mean", "last_token"]
-ModelKind = Literal["encoder", "decoder", "icl", "m3"]
+ModelKind = Literal["encoder", "decoder", "icl", "m3", "splade"]
 
 POOLING_METHODS: tuple[str, ...] = ("cls", "mean", "last_token")
 
@@ -35,7 +35,8 @@ class ModelSpec:
         name: the registry key (the model's basename, e.g. ``"bge-small-en-v1.5"``).
         hub_id: the Hugging Face id (e.g. ``"BAAI/bge-small-en-v1.5"``), used to fetch or find the files.
         family: a human-readable family label (e.g. ``"bge-v1.5-en"``).
-        kind: ``"encoder"`` (BERT-like), ``"decoder"`` (LLM embedders), ``"icl"`` (bge-en-icl) or ``"m3"``.
+        kind: ``"encoder"`` (BERT-like), ``"decoder"`` (LLM embedders), ``"icl"`` (bge-en-icl), ``"m3"``
+            (dense + sparse + ColBERT heads) or ``"splade"`` (sparse weights from a masked-LM head).
         pooling: ``"cls"``, ``"mean"`` or ``"last_token"``.
         normalize: L2-normalize the pooled vector.
         query_instruction: the published default query instruction, or None.
@@ -227,6 +228,23 @@ def _build_registry() -> dict[str, ModelSpec]:
         query_instruction_format="<instruct>{}\n<query>{}",
         query_max_length=512,
         passage_max_length=512,
+    )
+    # SPLADE: sparse weights from the masked-LM logits, max over tokens of log1p(relu(logits)).
+    specs += _entries(
+        [
+            "naver/splade-cocondenser-ensembledistil",
+            "naver/splade-cocondenser-selfdistil",
+            "naver/splade_v2_distil",
+            "naver/splade-v3",
+            "prithivida/Splade_PP_en_v1",
+            "rasyosef/splade-tiny",
+        ],
+        family="splade",
+        kind="splade",
+        pooling="cls",
+        query_max_length=512,
+        passage_max_length=512,
+        outputs=("sparse", "dense"),
     )
     # The bundled default: all-MiniLM-L6-v2 (mean pooling, normalized, 256 tokens as its ST config says).
     specs += _entries(

@@ -146,16 +146,24 @@ def _read_config(path: str) -> dict:
         return json.load(handle)
 
 
-def _spec_from_files(name: str, config: dict, st: SentenceTransformersConfig) -> ModelSpec:
+def _spec_from_files(name: str, path: str, config: dict, st: SentenceTransformersConfig) -> ModelSpec:
+    from tembed.heads import M3Heads
+
     model_type = str(config.get("model_type", ""))
-    is_decoder = model_type in _DECODER_MODEL_TYPES or any(
-        arch.endswith("ForCausalLM") for arch in config.get("architectures") or []
-    )
+    architectures = config.get("architectures") or []
+    is_decoder = model_type in _DECODER_MODEL_TYPES or any(arch.endswith("ForCausalLM") for arch in architectures)
+    kind = "decoder" if is_decoder else "encoder"
+    outputs: tuple[str, ...] = ("dense",)
+    if M3Heads.any_file_present(path):
+        kind, outputs = "m3", ("dense", "sparse", "colbert")
+    elif any(arch.endswith("ForMaskedLM") for arch in architectures):
+        kind, outputs = "splade", ("dense", "sparse")
     pooling = st.pooling or ("last_token" if is_decoder else "cls")
     return ModelSpec(
         name=registry_key(name),
         family="sentence-transformers" if not st.is_empty else "custom",
-        kind="decoder" if is_decoder else "encoder",
+        kind=kind,  # type: ignore[arg-type]
+        outputs=outputs,
         pooling=pooling,  # type: ignore[arg-type]
         normalize=True if st.normalize is None else st.normalize,
         query_instruction=st.query_prompt,
@@ -203,7 +211,7 @@ def resolve_model(name: str | os.PathLike[str]) -> ResolvedModel:
         _warn_conflicts(name, registered, st)
         spec = registered
     else:
-        spec = _spec_from_files(name, _read_config(path), st)
+        spec = _spec_from_files(name, path, _read_config(path), st)
     logger.debug("resolved %r -> %s (%s), spec %s", name, path, source, spec)
     return ResolvedModel(
         name=name, path=path, spec=spec, source=source, in_registry=registered is not None, st_config=st
