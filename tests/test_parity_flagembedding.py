@@ -42,6 +42,85 @@ def _texts() -> dict[str, list[str]]:
     return {"mixed": sentences + answers, "queries": sentences[:40], "short": sentences[500 - 30 :]}
 
 
+M3_QUERIES = ["What is BGE M3?", "Defination of BM25"]
+M3_PASSAGES = [
+    "BGE M3 is an embedding model supporting dense retrieval, lexical matching and multi-vector interaction.",
+    "BM25 is a bag-of-words retrieval function that ranks a set of documents based on the query terms appearing "
+    "in each document",
+]
+M3_ALL = {"return_dense": True, "return_sparse": True, "return_colbert_vecs": True}
+
+
+def _m3_jobs(path: str) -> list[dict]:
+    texts = M3_QUERIES + M3_PASSAGES + sts_b_sentences("test")[:40] + insuranceqa_answers()[200:210] + [""]
+    pairs = [[q, p] for q in M3_QUERIES for p in M3_PASSAGES] + [
+        [a, b] for a, b in zip(sts_b_sentences("dev")[:12], sts_b_sentences("dev")[1500:1512], strict=True)
+    ]
+    return [
+        {
+            "name": "m3_encode",
+            "class": "BGEM3FlagModel",
+            "model": path,
+            "init": {},
+            "method": "encode",
+            "args": M3_ALL,
+            "texts": texts,
+        },
+        {
+            "name": "m3_queries",
+            "class": "BGEM3FlagModel",
+            "model": path,
+            "init": {"query_instruction_for_retrieval": "Represent this for search: "},
+            "method": "encode_queries",
+            "args": {**M3_ALL, "max_length": 32},
+            "texts": texts[:20],
+        },
+        {
+            "name": "m3_score",
+            "class": "BGEM3FlagModel",
+            "model": path,
+            "init": {},
+            "method": "compute_score",
+            "args": {"max_passage_length": 128, "weights_for_different_modes": [0.4, 0.2, 0.4]},
+            "pairs": pairs,
+        },
+        {
+            "name": "m3_score_default",
+            "class": "BGEM3FlagModel",
+            "model": path,
+            "init": {},
+            "method": "compute_score",
+            "pairs": pairs,
+        },
+        {
+            "name": "m3_lexical",
+            "class": "BGEM3FlagModel",
+            "model": path,
+            "init": {},
+            "method": "compute_lexical_matching_score",
+            "texts": texts[:12],
+            "passages": texts[12:30],
+        },
+        {
+            "name": "m3_colbert",
+            "class": "BGEM3FlagModel",
+            "model": path,
+            "init": {},
+            "method": "colbert_score",
+            "texts": texts[:12],
+            "passages": texts[12:30],
+        },
+        {
+            "name": "m3_auto",
+            "class": "FlagAutoModel",
+            "model": path,
+            "init": {"model_class": "encoder-only-m3", "return_sparse": True},
+            "method": "encode",
+            "texts": texts[:8],
+        },
+    ]
+
+
 def _jobs(minilm: str, splade: str, decoders: dict[str, str]) -> list[dict]:
     texts = _texts()
     jobs = [
@@ -146,19 +225,20 @@ def _jobs(minilm: str, splade: str, decoders: dict[str, str]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, minilm_path, splade_path, tiny_decoder_paths):
+def reference(tmp_path_factory, minilm_path, splade_path, tiny_decoder_paths, tiny_m3_path):
     if not os.path.exists(REFERENCE_PYTHON):
         if os.environ.get("TEMBED_REQUIRE_REFERENCE") == "1":
             pytest.fail(f"the FlagEmbedding reference venv is missing ({REFERENCE_PYTHON}); run `make reference-venv`")
         pytest.skip("FlagEmbedding reference venv not built (make reference-venv)")
     folder = tmp_path_factory.mktemp("flag-reference")
-    jobs = _jobs(minilm_path, splade_path, tiny_decoder_paths)
+    jobs = _jobs(minilm_path, splade_path, tiny_decoder_paths) + _m3_jobs(tiny_m3_path)
     job_file, out_file = folder / "jobs.json", folder / "out.npz"
     job_file.write_text(json.dumps(jobs))
     result = subprocess.run([REFERENCE_PYTHON, RUNNER, str(job_file), str(out_file)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(out_file) as data:
-        return {job["name"]: (job, data[job["name"]]) for job in jobs}
+        outputs = {key: data[key] for key in data.files}
+    return {job["name"]: (job, {k: v for k, v in outputs.items() if k.split("__")[0] == job["name"]}) for job in jobs}
 
 
 _CLASSES = {"FlagModel": FlagModel, "FlagLLMModel": FlagLLMModel, "FlagICLModel": FlagICLModel}
@@ -180,9 +260,69 @@ def _ours(job: dict) -> np.ndarray:
     + [f"{kind}_{side}_{method}" for kind in ("llm", "icl") for side in ("left", "right") for method in "qc"],
 )
 def test_same_vectors_as_flagembedding(reference, name):
-    job, expected = reference[name]
+    job, outputs = reference[name]
+    expected = outputs[name]
     ours = _ours(job)
     assert ours.dtype == np.float32
     assert ours.shape == expected.shape
     difference = np.abs(ours - expected).max()
     assert difference <= TOLERANCE, f"{name}: max abs difference {difference:.2e}"
+
+
+def _m3_model(job: dict):
+    from tembed.compat.flagembedding import BGEM3FlagModel
+
+    init = {"use_fp16": False, "devices": "cpu", **job["init"]}
+    if job["class"] == "FlagAutoModel":
+        return FlagAutoModel.from_finetuned(job["model"], **init)
+    return BGEM3FlagModel(job["model"], **init)
+
+
+def _check_m3_outputs(name: str, ours: dict, expected: dict, count: int) -> None:
+    assert np.abs(ours["dense_vecs"] - expected[f"{name}__dense_vecs"]).max() <= TOLERANCE
+    reference_weights = json.loads(str(expected[f"{name}__lexical_weights"][0]))
+    assert len(ours["lexical_weights"]) == len(reference_weights) == count
+    for index, (mine, theirs) in enumerate(zip(ours["lexical_weights"], reference_weights, strict=True)):
+        assert set(mine) == set(theirs), f"{name}[{index}]: token ids differ"
+        assert all(isinstance(key, str) and isinstance(value, float) for key, value in mine.items())
+        assert max((abs(mine[k] - v) for k, v in theirs.items()), default=0.0) <= TOLERANCE, f"{name}[{index}]"
+    for index, matrix in enumerate(ours["colbert_vecs"]):
+        theirs = expected[f"{name}__colbert_vecs__{index}"]
+        assert matrix.shape == theirs.shape, f"{name}[{index}]: {matrix.shape} != {theirs.shape}"
+        assert np.abs(matrix - theirs).max(initial=0.0) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["m3_encode", "m3_queries", "m3_auto"])
+def test_m3_outputs_same_as_flagembedding(reference, name):
+    job, expected = reference[name]
+    with _m3_model(job) as model:
+        ours = getattr(model, job["method"])(job["texts"], **job.get("args", {}))
+    if name == "m3_auto":  # FlagAutoModel picked BGEM3FlagModel; its return_sparse default applied
+        assert ours["colbert_vecs"] is None and f"{name}__colbert_vecs__0" not in expected
+        ours = {**ours, "colbert_vecs": []}
+    _check_m3_outputs(name, ours, expected, len(job["texts"]))
+
+
+@pytest.mark.parametrize("name", ["m3_score", "m3_score_default"])
+def test_m3_compute_score_same_as_flagembedding(reference, name):
+    job, expected = reference[name]
+    with _m3_model(job) as model:
+        ours = model.compute_score([tuple(pair) for pair in job["pairs"]], **job.get("args", {}))
+    for mode in ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense"):
+        difference = np.abs(np.array(ours[mode]) - expected[f"{name}__{mode}"]).max()
+        assert difference <= TOLERANCE, f"{name} {mode}: max abs difference {difference:.2e}"
+
+
+@pytest.mark.parametrize("name", ["m3_lexical", "m3_colbert"])
+def test_m3_pairwise_scores_same_as_flagembedding(reference, name):
+    job, expected = reference[name]
+    with _m3_model(job) as model:
+        if name == "m3_lexical":
+            left = model.encode(job["texts"], return_dense=False, return_sparse=True)["lexical_weights"]
+            right = model.encode(job["passages"], return_dense=False, return_sparse=True)["lexical_weights"]
+            ours = model.compute_lexical_matching_score(left, right)
+        else:
+            left = model.encode(job["texts"], return_dense=False, return_colbert_vecs=True)["colbert_vecs"]
+            right = model.encode(job["passages"], return_dense=False, return_colbert_vecs=True)["colbert_vecs"]
+            ours = np.array([[float(model.colbert_score(q, p)) for p in right] for q in left])
+    assert np.abs(ours - expected[name]).max() <= TOLERANCE
