@@ -6,8 +6,8 @@ from typing import Literal
 
 import torch
 
-Precision = Literal["auto", "fp32", "fp16", "bf16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
+Precision = Literal["auto", "fp32", "fp16", "bf16", "int8"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16", "int8")
 DeviceLike = str | int | torch.device | None
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -52,12 +52,15 @@ def resolve_device(device: DeviceLike) -> torch.device:
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The compute dtype for a precision on a device.
 
-    ``"auto"`` is fp32 on the CPU (faithful) and fp16 on GPUs; outputs are float32 whatever the compute dtype.
+    ``"auto"`` is fp32 on the CPU (faithful) and fp16 on GPUs; ``"int8"`` computes in float32 around int8
+    weights. Outputs are float32 whatever the compute dtype.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
+    if precision == "int8":  # int8 weights, float32 activations and outputs (ONNX Runtime)
+        return torch.float32
     return _DTYPES[precision]
 
 

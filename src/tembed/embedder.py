@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from tembed.backends.torch_backend import TorchBackend
+from tembed.backends import choose_backend, create_backend
 from tembed.devices import DeviceLike, resolve_device, resolve_dtype
 from tembed.heads import M3Heads
 from tembed.models.registry import DEFAULT_MODEL, POOLING_METHODS, ModelSpec
@@ -54,14 +54,18 @@ class Embedder:
         passage_max_length: max tokens per passage and for :meth:`encode`; None: as above.
         batch_size: the most texts per forward pass (default 256).
         max_batch_tokens: the most padded tokens per forward pass; None: 4,096 on the CPU, no cap on GPUs.
-        precision: ``"auto"`` (fp32 on CPU, fp16 on GPU), ``"fp32"``, ``"fp16"`` or ``"bf16"``. Outputs are
-            float32 whatever the compute precision.
+        precision: ``"auto"`` (fp32 on CPU, fp16 on GPU), ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"int8"``
+            (CPU, ONNX Runtime). Outputs are float32 whatever the compute precision. Fidelity and speed of each
+            on a CPU: docs/cpu-performance.md.
         truncate_dim: keep the first ``truncate_dim`` dimensions (Matryoshka) before normalizing.
         show_progress_bar: True / False, or None to show a bar for inputs of 1,024 texts or more.
         trust_remote_code: allow the checkpoint's own code; None: from the registry (default False).
         outputs: the outputs to load heads for, among ``"dense"``, ``"sparse"``, ``"colbert"``; None: all the
             model has (BGE-M3: all three, heads from ``colbert_linear.pt`` / ``sparse_linear.pt``, an error if
             they are missing; SPLADE: dense and sparse). ``("dense",)`` uses an M3 model dense-only.
+        backend: ``"torch"``, ``"onnx"`` (ONNX Runtime, CPU), ``"openvino"`` (CPU) or ``"auto"`` (torch, but
+            ONNX Runtime for ``precision="int8"`` and OpenVINO for ``"bf16"`` on a CPU). ONNX exports are cached
+            under ``$TEMBED_CACHE`` (default ``~/.cache/tembed``).
 
     Example:
         >>> with Embedder("sentence-transformers/all-MiniLM-L6-v2", device="cpu") as embedder:
@@ -88,6 +92,7 @@ class Embedder:
         show_progress_bar: bool | None = None,
         trust_remote_code: bool | None = None,
         outputs: Sequence[str] | None = None,
+        backend: str = "auto",
     ) -> None:
         if pooling is not None and pooling not in POOLING_METHODS:
             raise ValueError(f"pooling must be one of {', '.join(POOLING_METHODS)}, got {pooling!r}")
@@ -117,16 +122,20 @@ class Embedder:
         sparse_kind = None
         if "sparse" in wanted:
             sparse_kind = "splade" if spec.kind == "splade" else "m3"
-        self.backend = TorchBackend(
+        self.backend_name = choose_backend(backend, precision, self.device)
+        self.backend = create_backend(
+            self.backend_name,
             self.resolved.path,
             device=self.device,
+            precision=precision,
             dtype=dtype,
             trust_remote_code=remote,
             masked_lm=sparse_kind == "splade",
         )
         m3_heads = None
         if spec.kind == "m3" and ("sparse" in wanted or "colbert" in wanted):
-            m3_heads = M3Heads.load(self.resolved.path, device=self.device, dtype=dtype)
+            heads_dtype = dtype if self.backend_name == "torch" else torch.float32
+            m3_heads = M3Heads.load(self.resolved.path, device=self.device, dtype=heads_dtype)
         if truncate_dim is not None and truncate_dim > self.backend.hidden_size:
             raise ValueError(f"truncate_dim={truncate_dim} exceeds the model's dimension {self.backend.hidden_size}")
         self.max_seq_length: int | None = _model_max_positions(self.backend.config, self.tokenizer)
@@ -430,7 +439,8 @@ class Embedder:
     def __repr__(self) -> str:
         return (
             f"Embedder(model={self.resolved.name!r}, device={str(self.device)!r}, pooling={self.pooling!r}, "
-            f"dim={self.embedding_dim}, normalize={self.normalize}, precision={self.precision!r})"
+            f"dim={self.embedding_dim}, normalize={self.normalize}, precision={self.precision!r}, "
+            f"backend={self.backend_name!r})"
         )
 
 

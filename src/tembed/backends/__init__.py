@@ -1,10 +1,72 @@
 """Backends run the Transformer forward pass: token batches in, last hidden states out.
 
 Every backend has the same small interface (:class:`tembed.backends.base.Backend`), so the pipeline around it
-(tokenize, schedule, heads, finish) is shared.
+(tokenize, schedule, heads, finish) is shared. :func:`create_backend` picks one from a backend name and a
+precision.
 """
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
 
 from tembed.backends.base import Backend, BackendOutput, TokenBatch
 from tembed.backends.torch_backend import TorchBackend
 
-__all__ = ["Backend", "BackendOutput", "TokenBatch", "TorchBackend"]
+BACKENDS: tuple[str, ...] = ("auto", "torch", "onnx", "openvino")
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def choose_backend(backend: str, precision: str, device: torch.device) -> str:
+    """The concrete backend for a request.
+
+    ``"auto"`` is torch on GPUs; on the CPU it is ONNX Runtime for ``int8``, OpenVINO for ``bf16`` when
+    installed (faster and more faithful than torch bf16 there), and torch otherwise.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        if backend != "torch" and device.type != "cpu":
+            raise ValueError(f"backend={backend!r} runs on the CPU only; use backend='torch' on {device}")
+        return backend
+    if device.type != "cpu":
+        return "torch"
+    if precision == "int8":
+        return "onnx"
+    if precision == "bf16" and _installed("openvino"):
+        return "openvino"
+    return "torch"
+
+
+def create_backend(
+    name: str,
+    path: str,
+    *,
+    device: torch.device,
+    precision: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    masked_lm: bool,
+) -> Backend:
+    """Build a backend by its concrete name (see :func:`choose_backend`)."""
+    if name == "torch":
+        if precision == "int8":
+            raise ValueError("precision='int8' needs backend='onnx' (or 'auto')")
+        return TorchBackend(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, masked_lm=masked_lm)
+    from tembed.backends.onnx_backend import OnnxRuntimeBackend, OpenVinoBackend
+
+    concrete = "fp32" if precision == "auto" else precision
+    if name == "onnx":
+        if not _installed("onnxruntime"):
+            raise ImportError("backend='onnx' needs onnxruntime: pip install 'tembed[onnx]'")
+        return OnnxRuntimeBackend(path, precision=concrete, masked_lm=masked_lm, trust_remote_code=trust_remote_code)
+    if not _installed("openvino"):
+        raise ImportError("backend='openvino' needs openvino: pip install 'tembed[openvino]'")
+    return OpenVinoBackend(path, precision=concrete, masked_lm=masked_lm, trust_remote_code=trust_remote_code)
+
+
+__all__ = ["BACKENDS", "Backend", "BackendOutput", "TokenBatch", "TorchBackend", "choose_backend", "create_backend"]

@@ -1,0 +1,149 @@
+"""ONNX Runtime and OpenVINO backends: the same outputs as torch, the export cache, each precision's floor."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from tembed import Embedder
+from tembed.backends import choose_backend
+
+from realdata import insuranceqa_answers, sts_b, sts_b_sentences
+
+pytest.importorskip("onnxruntime")
+
+PUBLISHED_STSB_SPEARMAN = 82.03
+
+
+@pytest.fixture(scope="module", autouse=True)
+def export_cache(tmp_path_factory):
+    """A fresh export cache for this module, so the tests see first and second loads."""
+    folder = str(tmp_path_factory.mktemp("tembed-cache"))
+    previous = os.environ.get("TEMBED_CACHE")
+    os.environ["TEMBED_CACHE"] = folder
+    yield folder
+    if previous is None:
+        os.environ.pop("TEMBED_CACHE")
+    else:
+        os.environ["TEMBED_CACHE"] = previous
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _spearman(embedder: Embedder) -> float:
+    pairs = sts_b("test")
+    first = embedder.encode([a for a, _, _ in pairs])
+    second = embedder.encode([b for _, b, _ in pairs])
+    return 100 * spearmanr(np.sum(first * second, axis=1), [g for _, _, g in pairs]).statistic
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_dense_same_as_torch(minilm, minilm_path, backend):
+    pytest.importorskip(backend if backend != "onnx" else "onnxruntime")
+    texts = sts_b_sentences("test")[:300] + insuranceqa_answers()[:60]
+    with Embedder(minilm_path, device="cpu", backend=backend, precision="fp32") as fast:
+        assert fast.backend_name == backend
+        ours = fast.encode(texts)
+    assert ours.dtype == np.float32
+    assert _cosines(ours, minilm.encode(texts)).min() >= 0.99999
+
+
+def test_m3_all_outputs_same_as_torch(tiny_m3_path):
+    texts = ["What is BGE M3?", "", *sts_b_sentences("dev")[:40], *insuranceqa_answers()[:5]]
+    names = ("dense", "sparse", "colbert")
+    with Embedder(tiny_m3_path, device="cpu") as torch_model:
+        expected = torch_model.encode(texts, outputs=names)
+    with Embedder(tiny_m3_path, device="cpu", backend="onnx") as onnx_model:
+        ours = onnx_model.encode(texts, outputs=names)
+    assert _cosines(ours.dense, expected.dense).min() >= 0.99999
+    for mine, theirs in zip(ours.sparse, expected.sparse, strict=True):
+        assert set(mine) == set(theirs)
+        assert max((abs(mine[t] - w) for t, w in theirs.items()), default=0.0) <= 1e-4
+    for mine, theirs in zip(ours.colbert, expected.colbert, strict=True):
+        assert mine.shape == theirs.shape
+        if len(mine):
+            assert _cosines(mine, theirs).min() >= 0.99999
+
+
+def test_splade_same_as_torch(splade_path):
+    texts = sts_b_sentences("test")[:80]
+    with Embedder(splade_path, device="cpu") as torch_model:
+        expected = torch_model.encode(texts, outputs=("dense", "sparse"))
+    with Embedder(splade_path, device="cpu", backend="onnx") as onnx_model:
+        ours = onnx_model.encode(texts, outputs=("dense", "sparse"))
+    assert _cosines(ours.dense, expected.dense).min() >= 0.99999
+    for mine, theirs in zip(ours.sparse, expected.sparse, strict=True):
+        keys = sorted(set(mine) | set(theirs))
+        a = np.array([mine.get(k, 0.0) for k in keys])
+        b = np.array([theirs.get(k, 0.0) for k in keys])
+        assert np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) >= 0.99999
+        assert np.abs(a - b).max() <= 1e-3  # tokens at the > 0 threshold may flip, with ~0 weight
+
+
+def test_export_cache_is_reused(minilm_path, export_cache, monkeypatch):
+    import torch
+
+    with Embedder(minilm_path, device="cpu", backend="onnx") as first:
+        onnx_path = first.backend.onnx_path
+        vector = first.encode("cached export")
+    assert onnx_path.startswith(export_cache)
+    mtime = os.stat(onnx_path).st_mtime_ns
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the model was exported again")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    with Embedder(minilm_path, device="cpu", backend="onnx") as second:
+        assert second.backend.onnx_path == onnx_path
+        np.testing.assert_allclose(second.encode("cached export"), vector, atol=1e-6)
+    assert os.stat(onnx_path).st_mtime_ns == mtime
+
+
+def test_fp32_onnx_keeps_the_published_spearman(minilm_path):
+    with Embedder(minilm_path, device="cpu", backend="onnx", precision="fp32", show_progress_bar=False) as e:
+        assert round(_spearman(e), 2) == PUBLISHED_STSB_SPEARMAN
+
+
+def test_bf16_quality_floor(minilm, minilm_path):
+    texts = sts_b_sentences("test")
+    with Embedder(minilm_path, device="cpu", precision="bf16", show_progress_bar=False) as e:
+        cosines = _cosines(e.encode(texts), minilm.encode(texts))
+        spearman = _spearman(e)
+    assert cosines.min() >= 0.9998
+    assert abs(spearman - PUBLISHED_STSB_SPEARMAN) <= 0.1
+
+
+def test_int8_quality_floor(minilm, minilm_path):
+    texts = sts_b_sentences("test")
+    with Embedder(minilm_path, device="cpu", precision="int8", show_progress_bar=False) as e:
+        assert e.backend_name == "onnx"
+        cosines = _cosines(e.encode(texts), minilm.encode(texts))
+        spearman = _spearman(e)
+    assert cosines.mean() >= 0.99
+    assert cosines.min() >= 0.95
+    assert abs(spearman - PUBLISHED_STSB_SPEARMAN) <= 0.3
+
+
+def test_backend_choice():
+    import torch
+
+    cpu = torch.device("cpu")
+    assert choose_backend("auto", "int8", cpu) == "onnx"
+    assert choose_backend("auto", "fp32", cpu) == "torch"
+    assert choose_backend("torch", "fp32", cpu) == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        choose_backend("tensorrt", "fp32", cpu)
+    with pytest.raises(ValueError, match="CPU only"):
+        choose_backend("onnx", "fp32", torch.device("cuda"))
+
+
+def test_unsupported_precision_for_a_backend(minilm_path):
+    with pytest.raises(ValueError, match="int8"):
+        Embedder(minilm_path, device="cpu", backend="torch", precision="int8")
+    with pytest.raises(ValueError, match="fp32 or int8"):
+        Embedder(minilm_path, device="cpu", backend="onnx", precision="fp16")
