@@ -24,6 +24,10 @@ def test_every_text_matches_sentence_transformers(minilm, st_model):
     theirs = st_model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
     assert ours.shape == theirs.shape == (800, 384)
     cosines = np.sum(ours * theirs, axis=1) / np.linalg.norm(theirs, axis=1)
+    print(
+        f"[parity] sentence-transformers, 800 STS-B sentences: min cosine {cosines.min():.8f}, "
+        f"max abs difference {np.abs(ours - theirs).max():.2e}"
+    )
     assert cosines.min() >= 0.99999, f"min cosine {cosines.min():.7f}"
     assert np.abs(ours - theirs).max() <= 1e-5
 
@@ -44,4 +48,5 @@ def test_sts_b_spearman_is_the_published_figure(minilm):
     second = minilm.encode([b for _, b, _ in pairs])
     scores = np.sum(first * second, axis=1)
     spearman = 100 * spearmanr(scores, [gold for _, _, gold in pairs]).statistic
+    print(f"[parity] STS-B test Spearman: {spearman:.4f}")
     assert round(spearman, 2) == PUBLISHED_STSB_SPEARMAN, spearman
