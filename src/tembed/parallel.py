@@ -317,6 +317,11 @@ class EmbedderPool:
         return int(info["embedding_dim"])
 
     @property
+    def worker_settings(self) -> dict[str, Any]:
+        """The first worker's :meth:`tembed.Embedder.settings` (pooling, instructions, lengths, dim, ...)."""
+        return dict(self._workers[0].info or {})
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
@@ -664,6 +669,11 @@ def _worker_main(
 
     try:
         send(("hello", os.getpid()))
+        # tqdm otherwise creates a multiprocessing lock here, registered with the resource tracker the whole
+        # pool shares; a worker killed by a signal would then leave a "leaked semaphore" warning at exit.
+        import tqdm.std
+
+        tqdm.std.tqdm.set_lock(threading.RLock())
         if threads is not None:
             torch.set_num_threads(threads)
             with contextlib.suppress(RuntimeError):
@@ -680,7 +690,7 @@ def _worker_main(
             send(("start-error", _pack_exception(error)))
         return
     try:
-        send(("ready", {"pid": os.getpid(), "device": device, "embedding_dim": embedder.embedding_dim}))
+        send(("ready", {"pid": os.getpid(), "device": device, **embedder.settings()}))
         while not stop_event.is_set():
             try:
                 payload = tasks.get(timeout=_POLL_SECONDS)

@@ -7,7 +7,9 @@ Everything runs through tembed's one pipeline.
 
 Deliberate differences from FlagEmbedding:
 
-* ``devices=None`` means one device (the first GPU, else the CPU), not every visible GPU.
+* ``devices=None`` means one device (the first GPU, else the CPU), not every visible GPU; a list of several
+  devices starts a warm worker pool at construction (each worker loads the model; nothing is pickled) that
+  stops with ``close()`` -- a worker failure reaches the caller instead of hanging.
 * Outputs are float32 whatever the compute precision (FlagEmbedding returns float16 arrays on GPUs).
 * ``use_fp16`` / ``use_bf16`` apply on GPUs; on the CPU the model runs in fp32, as in FlagEmbedding, but the model
   is not mutated between calls.
@@ -37,16 +39,13 @@ logger = logging.getLogger(__name__)
 _IGNORED_ENCODE_KWARGS = {"pad_to_multiple_of"}
 
 
-def _single_device(devices: str | int | Sequence[str | int] | None) -> str | int | None:
+def _device_list(devices: str | int | Sequence[str | int] | None) -> list[str | int | None]:
     if devices is None or isinstance(devices, (str, int)):
-        return devices
+        return [devices]
     devices = list(devices)
-    if len(devices) == 1:
-        return devices[0]
-    raise ValueError(
-        f"devices={devices!r}: encoding on several devices needs tembed's worker pool; "
-        "this facade encodes on one device (pass one device)"
-    )
+    if not devices:
+        raise ValueError("devices=[]: give at least one device")
+    return devices
 
 
 def _check_encode_kwargs(method: str, kwargs: dict[str, Any]) -> None:
@@ -100,14 +99,12 @@ class _FlagFacade:
         self.passage_max_length = passage_max_length
         self.convert_to_numpy = convert_to_numpy
         self.truncate_dim = truncate_dim
-        device = _single_device(devices)
-        target_device = resolve_device(device)
+        device_list = _device_list(devices)
+        target_device = resolve_device(device_list[0])
         precision = "fp32"
         if target_device.type != "cpu":
             precision = "bf16" if use_bf16 else ("fp16" if use_fp16 else "fp32")
-        self.embedder = Embedder(
-            model_name_or_path,
-            device=target_device,
+        self._embedder_options: dict[str, Any] = dict(
             pooling=self.pooling_method,
             normalize=normalize_embeddings,
             query_instruction="",
@@ -119,9 +116,64 @@ class _FlagFacade:
             truncate_dim=truncate_dim,
             trust_remote_code=trust_remote_code,
             outputs=self.OUTPUTS,
+            backend="torch",
         )
-        self.tokenizer = self.embedder.tokenizer.hf
-        self.target_devices = [str(self.embedder.device)]
+        self.embedder = Embedder(
+            model_name_or_path,
+            device=device_list if len(device_list) > 1 else target_device,
+            pooling=self.pooling_method,
+            normalize=normalize_embeddings,
+            query_instruction="",
+            passage_instruction="",
+            query_max_length=query_max_length,
+            passage_max_length=passage_max_length,
+            batch_size=batch_size,
+            precision=precision,
+            truncate_dim=truncate_dim,
+            trust_remote_code=trust_remote_code,
+            outputs=self.OUTPUTS,
+            backend="torch",
+        )
+        self.target_devices = [str(resolve_device(d)) for d in device_list]
+        self._tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer (loaded in this process on first use when encoding runs in a pool)."""
+        if self._tokenizer is None:
+            if self.embedder.pool is None:
+                self._tokenizer = self.embedder.tokenizer.hf
+            else:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(self.embedder.resolved.path)
+        return self._tokenizer
+
+    # ------------------------------------------------------------------------------------------ worker pools
+    def start_multi_process_pool(self, target_devices: Any = None) -> Any:
+        """A warm worker pool (:class:`tembed.parallel.EmbedderPool`) on ``target_devices``.
+
+        FlagEmbedding passes a worker function here; tembed's workers need none, so a callable is ignored and
+        the constructor's devices are used. Stop it with :meth:`stop_multi_process_pool` (or ``pool.close()``).
+        """
+        from tembed.parallel import EmbedderPool
+
+        devices = self.target_devices if target_devices is None or callable(target_devices) else target_devices
+        return EmbedderPool(self.model_name_or_path, _device_list(devices), **self._embedder_options)
+
+    def encode_multi_process(self, sentences: list[str], pool: Any, **kwargs: Any) -> Any:
+        """Encode on a pool from :meth:`start_multi_process_pool`: ``encode`` semantics, results in order."""
+        convert_to_numpy = kwargs.pop("convert_to_numpy", None)
+        options = {key: kwargs.pop(key) for key in ("batch_size", "max_length") if key in kwargs}
+        _check_encode_kwargs("encode_multi_process", kwargs)
+        numpy_out = self.convert_to_numpy if convert_to_numpy is None else convert_to_numpy
+        options.setdefault("max_length", self.passage_max_length)
+        return pool.encode(sentences, convert_to="numpy" if numpy_out else "torch", **options)
+
+    @staticmethod
+    def stop_multi_process_pool(pool: Any) -> None:
+        """Stop a pool from :meth:`start_multi_process_pool` (idempotent; no process is left)."""
+        pool.close()
 
     # FlagEmbedding's helper, kept for users who call it.
     @staticmethod
@@ -209,7 +261,9 @@ class _FlagFacade:
         )
 
     def stop_self_pool(self) -> None:
-        """Kept for compatibility: this facade runs no pool, so there is nothing to stop."""
+        """Stop the worker pool started for several ``devices`` (nothing to do on one device)."""
+        if self.embedder.pool is not None:
+            self.embedder.pool.close()
 
     def close(self) -> None:
         """Release the model."""

@@ -87,9 +87,10 @@ class BGEM3FlagModel(_FlagFacade):
             passage_instruction_for_retrieval=passage_instruction_for_retrieval,
             passage_instruction_format=passage_instruction_format,
         )
-        heads = self.embedder.pipeline.heads.m3_heads
-        if colbert_dim > 0 and heads is not None and heads.colbert_dim != colbert_dim:
-            raise ValueError(f"colbert_dim={colbert_dim} but colbert_linear.pt has {heads.colbert_dim} outputs")
+        if colbert_dim > 0 and self.embedder.pool is None:
+            heads = self.embedder.pipeline.heads.m3_heads
+            if heads is not None and heads.colbert_dim != colbert_dim:
+                raise ValueError(f"colbert_dim={colbert_dim} but colbert_linear.pt has {heads.colbert_dim} outputs")
         self.return_dense = return_dense
         self.return_sparse = return_sparse
         self.return_colbert_vecs = return_colbert_vecs
@@ -240,7 +241,8 @@ class BGEM3FlagModel(_FlagFacade):
     def convert_id_to_token(self, lexical_weights: dict | list[dict]) -> dict | list[dict]:
         """Token text -> weight; a dict or a one-element list gives a dict, as FlagEmbedding does."""
         items = [lexical_weights] if isinstance(lexical_weights, dict) else list(lexical_weights)
-        converted = self.embedder.convert_id_to_token(items)
+        decode = self.tokenizer.decode
+        converted = [{decode([int(token)]): weight for token, weight in item.items()} for item in items]
         return converted[0] if len(converted) == 1 else converted
 
 
