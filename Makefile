@@ -36,8 +36,12 @@ install: $(VENV)/.installed
 test-deps: $(VENV)/.test-installed
 reference-venv: $(REF_VENV)/.installed
 
+DEMO_OUT := build/demo/sample_corpus.parquet
+
 demo: install
-	$(BIN)/python examples/demo.py
+	mkdir -p $(dir $(DEMO_OUT))
+	$(BIN)/tembed encode examples/sample_corpus.jsonl -o $(DEMO_OUT) --kind passage --device cpu
+	$(BIN)/python examples/demo.py $(DEMO_OUT)
 
 lint: test-deps
 	$(BIN)/ruff check .

@@ -1,12 +1,15 @@
-"""The main job on the bundled default model: embed a corpus once, then search it with queries.
+"""The main job on the bundled default model: a corpus embedded once and stored, then searched with queries.
 
-Run with ``make demo`` (it creates .venv and installs everything first).
+``make demo`` first runs ``tembed encode examples/sample_corpus.jsonl -o build/demo/sample_corpus.parquet``
+(the corpus vectors, stored), then this script with that file: it embeds the queries, searches the stored
+vectors and measures the throughput. Without an argument it embeds the corpus itself.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -36,7 +39,15 @@ def main() -> None:
         f"pooling {embedder.pooling}, loaded in {time.perf_counter() - started:.1f} s"
     )
 
-    corpus = embedder.encode_corpus(passages)  # (n, 384) float32, unit length: computed once, stored
+    if len(sys.argv) > 1:  # the vectors `tembed encode` stored
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(sys.argv[1])
+        stored = dict(zip(table.column("id").to_pylist(), table.column("dense").to_pylist(), strict=True))
+        corpus = np.array([stored[i] for i in ids], dtype=np.float32)
+        print(f"corpus: {len(ids)} vectors read from {sys.argv[1]}")
+    else:
+        corpus = embedder.encode_corpus(passages)  # (n, 384) float32, unit length
     queries = embedder.encode_queries(QUERIES)
     scores = queries @ corpus.T  # cosine similarity
     for query, row in zip(QUERIES, scores, strict=True):
