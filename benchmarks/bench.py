@@ -38,9 +38,10 @@ def flops_per_token(length: float, hidden: int = 384, layers: int = 6, intermedi
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--iqa", type=int, default=2000, help="number of InsuranceQA answers")
+    parser.add_argument("--only", nargs="*", help="run only the tembed variants whose name contains one of these")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -58,13 +59,23 @@ def main() -> None:
     variants: dict[str, Callable[[list[str]], np.ndarray]] = {
         "sentence-transformers fp32 (bs 32)": lambda t: st.encode(t, batch_size=32, normalize_embeddings=True),
     }
-    embedders = {
-        "tembed torch fp32 (default)": Embedder(model_dir, device="cpu", show_progress_bar=False),
-        "tembed torch bf16": Embedder(model_dir, device="cpu", precision="bf16", show_progress_bar=False),
-    }
-    for name, embedder in embedders.items():
-        variants[name] = lambda t, e=embedder: e.encode(t, max_length=MAX_LENGTH)
 
+    def tembed(**options):
+        return Embedder(model_dir, device="cpu", show_progress_bar=False, **options)
+
+    embedders = {
+        "tembed torch fp32 (default)": tembed(),
+        "tembed torch fp32, max 32 texts": tembed(batch_size=32),
+        "tembed onnx fp32": tembed(backend="onnx", precision="fp32"),
+        "tembed openvino fp32": tembed(backend="openvino", precision="fp32"),
+        "tembed torch bf16": tembed(backend="torch", precision="bf16"),
+        "tembed openvino bf16": tembed(backend="openvino", precision="bf16"),
+        "tembed int8 (auto: openvino)": tembed(precision="int8"),
+        "tembed int8 (onnx runtime)": tembed(backend="onnx", precision="int8"),
+    }
+    if args.only:
+        embedders = {name: e for name, e in embedders.items() if any(key in name for key in args.only)}
+        embedders.setdefault("tembed torch fp32 (default)", tembed())
     tokenizer = embedders["tembed torch fp32 (default)"].tokenizer
     token_counts = {w: [len(ids) for ids in tokenizer.encode(texts, MAX_LENGTH)] for w, texts in workloads.items()}
 

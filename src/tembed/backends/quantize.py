@@ -71,9 +71,11 @@ def fp32_nodes(model: Any, rule: str) -> list[str]:
     * ``"none"``: quantize every weight MatMul.
     * ``"last_down"``: the last down-projection (weight with more inputs than outputs, i.e. the last FFN output
       MatMul of a transformer encoder).
+    * ``"first_down"``: the first down-projection (the first layer's FFN output MatMul).
     * ``"all_down"``: every down-projection.
     * ``"last_block"``: the weight MatMuls after the last-but-one down-projection (the whole last layer).
     * ``"first_block"``: the weight MatMuls up to and including the first down-projection (the whole first layer).
+    * ``"down_I"``: the I-th down-projection (0-based: layer I's FFN output MatMul).
     * ``"last_N"``: the last N weight MatMuls.
     """
     matmuls = weight_matmuls(model)
@@ -84,6 +86,8 @@ def fp32_nodes(model: Any, rule: str) -> list[str]:
             continue
         if part == "last_down" and downs:
             keep.add(downs[-1])
+        elif part == "first_down" and downs:
+            keep.add(downs[0])
         elif part == "all_down":
             keep.update(downs)
         elif part == "last_block" and downs:
@@ -91,9 +95,12 @@ def fp32_nodes(model: Any, rule: str) -> list[str]:
             keep.update(range(start, len(matmuls)))
         elif part == "first_block" and downs:
             keep.update(range(downs[0] + 1))
+        elif part.startswith("down_") and part[5:].isdigit():
+            if int(part[5:]) < len(downs):
+                keep.add(downs[int(part[5:])])
         elif part.startswith("last_") and part[5:].isdigit():
             keep.update(range(max(0, len(matmuls) - int(part[5:])), len(matmuls)))
-        elif part not in ("last_down", "last_block", "first_block"):
+        elif part not in ("last_down", "first_down", "last_block", "first_block"):
             raise ValueError(f"unknown fp32 rule {part!r}")
     return [matmuls[i][0] for i in sorted(keep)]
 
@@ -170,8 +177,11 @@ def quantize_static_qdq(
 def _ov_names(ov_model: Any, onnx_names: Iterable[str]) -> list[str]:
     """OpenVINO op names of the given ONNX MatMul nodes (OpenVINO keeps the ONNX output tensor names)."""
     wanted = set(onnx_names)
-    return [op.get_friendly_name() for op in ov_model.get_ops() if op.get_type_name() == "MatMul" and
-            op.get_friendly_name() in wanted]
+    return [
+        op.get_friendly_name()
+        for op in ov_model.get_ops()
+        if op.get_type_name() == "MatMul" and op.get_friendly_name() in wanted
+    ]
 
 
 def quantize_openvino(
@@ -235,3 +245,69 @@ def calibration_feeds(
     """Model inputs for calibration: ``texts`` sorted by length, tokenized in padded batches by ``tokenize``."""
     ordered = sorted(texts, key=len)
     return [tokenize(list(ordered[i : i + batch_size])) for i in range(0, len(ordered), batch_size)]
+
+
+def quantize_nbits_int8(
+    source: str, target: str, *, block_size: int = 32, accuracy_level: int = 4, keep_fp32: str = "none"
+) -> None:
+    """ONNX Runtime ``MatMulNBits`` with 8-bit block-quantized weights (symmetric, ``block_size`` along K).
+
+    With ``accuracy_level=4`` ONNX Runtime quantizes the activations to int8 per row and per block of K at run time
+    and uses integer dot-product kernels (AVX512-VNNI / AVX-VNNI / NEON dot), so each token gets its own scales:
+    no calibration, and a text's embedding does not depend on the other texts in its batch.
+    """
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(source, load_external_data=False)
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=8,
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=accuracy_level,
+        nodes_to_exclude=fp32_nodes(model, keep_fp32),
+        op_types_to_quantize=("MatMul",),
+    )
+    quantizer.process()
+    quantizer.model.save_model_to_file(target, use_external_data_format=False)
+
+
+OPENVINO_INT8_RULE = "first_down"  # the first layer's FFN output MatMul stays in floating point (bf16/f32)
+
+
+def tokenized_calibration(
+    model_path: str, input_names: Sequence[str], *, max_length: int = 256, trust_remote_code: bool = False
+) -> list[dict[str, np.ndarray]]:
+    """The shipped calibration texts as model inputs (int64, right-padded batches of 16, sorted by length)."""
+    from tembed.tokenize import TextTokenizer
+
+    tokenizer = TextTokenizer(model_path, trust_remote_code=trust_remote_code)
+
+    def tokenize(texts: list[str]) -> dict[str, np.ndarray]:
+        batch = tokenizer.pad(tokenizer.encode(texts, max_length))
+        feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if "token_type_ids" in input_names:
+            feed["token_type_ids"] = np.zeros_like(batch.input_ids)
+        return feed
+
+    return calibration_feeds(tokenize, calibration_texts())
+
+
+def write_openvino_int8(
+    source: str,
+    target_xml: str,
+    feeds: Sequence[dict[str, np.ndarray]],
+    *,
+    keep_fp32: str = OPENVINO_INT8_RULE,
+    preset: str = "mixed",
+) -> None:
+    """The recommended OpenVINO int8 recipe, saved as IR (``target_xml`` + ``.bin``).
+
+    NNCF static PTQ (transformer model type: SmoothQuant, per-channel int8 weights), the mixed preset (asymmetric
+    activations) and the first FFN down-projection left unquantized. Compile with the ``bf16`` precision hint where
+    the CPU has AVX512-BF16/AMX (the unquantized ops then run in bf16).
+    """
+    import openvino as ov
+
+    ov.save_model(quantize_openvino(source, feeds, keep_fp32=keep_fp32, preset=preset), target_xml)
