@@ -226,7 +226,7 @@ def test_close_and_context_manager(minilm_path):
 
 
 def test_model_is_placed_once(minilm_path, monkeypatch):
-    with Embedder(minilm_path, device="cpu") as embedder:
+    with Embedder(minilm_path, device="cpu", backend="torch") as embedder:
         moves = []
         monkeypatch.setattr(embedder.backend.model, "to", lambda *a, **k: moves.append(a))
         embedder.encode(["a", "b"])

@@ -148,13 +148,33 @@ def test_backend_choice():
     import torch
 
     cpu = torch.device("cpu")
-    assert choose_backend("auto", "int8", cpu) in ("openvino", "onnx")
-    assert choose_backend("auto", "fp32", cpu) == "torch"
+    assert choose_backend("auto", "int8", cpu, "bert") == "openvino"  # nncf is a test dependency
+    assert choose_backend("auto", "fp32", cpu, "bert") == "openvino"
+    assert choose_backend("auto", "fp32", cpu, "llama") == "torch"  # export not tested for decoders
+    assert choose_backend("auto", "int8", cpu, "llama") == "onnx"
+    assert choose_backend("auto", "fp16", torch.device("cuda")) == "torch"
     assert choose_backend("torch", "fp32", cpu) == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):
         choose_backend("tensorrt", "fp32", cpu)
     with pytest.raises(ValueError, match="CPU only"):
         choose_backend("onnx", "fp32", torch.device("cuda"))
+
+
+def test_default_cpu_backend_is_openvino_and_falls_back_to_torch(minilm_path, tiny_decoder_paths, monkeypatch):
+    with Embedder(minilm_path, device="cpu") as default:
+        assert default.backend_name == "openvino"
+    with Embedder(tiny_decoder_paths["left"], device="cpu") as decoder:
+        assert decoder.backend_name == "torch"
+    from tembed.backends import onnx_backend
+
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("exporting failed")
+
+    monkeypatch.setattr(onnx_backend, "export_onnx", failing_export)
+    with pytest.warns(UserWarning, match="using torch"), Embedder(minilm_path, device="cpu") as fallback:
+        assert fallback.backend_name == "torch"
+    with pytest.raises(RuntimeError, match="exporting failed"):
+        Embedder(minilm_path, device="cpu", backend="openvino")
 
 
 def test_unsupported_precision_for_a_backend(minilm_path):

@@ -67,9 +67,11 @@ class Embedder:
         outputs: the outputs to load heads for, among ``"dense"``, ``"sparse"``, ``"colbert"``; None: all the
             model has (BGE-M3: all three, heads from ``colbert_linear.pt`` / ``sparse_linear.pt``, an error if
             they are missing; SPLADE: dense and sparse). ``("dense",)`` uses an M3 model dense-only.
-        backend: ``"torch"``, ``"onnx"`` (ONNX Runtime, CPU), ``"openvino"`` (CPU) or ``"auto"`` (torch, but
-            ONNX Runtime for ``precision="int8"`` and OpenVINO for ``"bf16"`` on a CPU). ONNX exports are cached
-            under ``$TEMBED_CACHE`` (default ``~/.cache/tembed``).
+        backend: ``"torch"``, ``"onnx"`` (ONNX Runtime, CPU), ``"openvino"`` (CPU) or ``"auto"``: OpenVINO on a
+            CPU for BERT / XLM-R-family encoders when installed (fp32: the same vectors, faster; bf16; int8),
+            torch otherwise and on GPUs (see :func:`tembed.backends.choose_backend`). The ONNX export is made
+            on first use and cached under ``$TEMBED_CACHE`` (default ``~/.cache/tembed``); if it fails,
+            ``"auto"`` warns and uses torch.
 
     Example:
         >>> with Embedder("sentence-transformers/all-MiniLM-L6-v2", device="cpu") as embedder:
@@ -151,16 +153,20 @@ class Embedder:
         sparse_kind = None
         if "sparse" in wanted:
             sparse_kind = "splade" if spec.kind == "splade" else "m3"
-        self.backend_name = choose_backend(backend, precision, self.device)
-        self.backend = create_backend(
-            self.backend_name,
-            self.resolved.path,
-            device=self.device,
-            precision=precision,
-            dtype=dtype,
-            trust_remote_code=remote,
-            masked_lm=sparse_kind == "splade",
+        model_type = _read_model_type(self.resolved.path)
+        self.backend_name = choose_backend(backend, precision, self.device, model_type)
+        backend_options: dict[str, Any] = dict(
+            device=self.device, precision=precision, dtype=dtype, trust_remote_code=remote
         )
+        backend_options["masked_lm"] = sparse_kind == "splade"
+        try:
+            self.backend = create_backend(self.backend_name, self.resolved.path, **backend_options)
+        except (RuntimeError, ImportError) as error:
+            if backend != "auto" or self.backend_name == "torch" or precision == "int8":
+                raise
+            warnings.warn(f"{self.backend_name} backend unavailable ({error}); using torch", stacklevel=2)
+            self.backend_name = "torch"
+            self.backend = create_backend("torch", self.resolved.path, **backend_options)
         m3_heads = None
         if spec.kind == "m3" and ("sparse" in wanted or "colbert" in wanted):
             heads_dtype = dtype if self.backend_name == "torch" else torch.float32
@@ -293,28 +299,15 @@ class Embedder:
         Raises:
             TypeError: ``texts`` is None or holds a non-string (the index is named).
         """
-        items, single = check_texts(texts)
-        if self._pool is not None:
-            return self._pooled(
-                "encode",
-                items,
-                single,
-                instruction=instruction,
-                instruction_format=instruction_format,
-                max_length=max_length,
-                batch_size=batch_size,
-                convert_to=convert_to,
-                outputs=outputs,
-            )
-        return self._encode(
-            items,
-            single=single,
-            instruction=instruction,
-            instruction_format=instruction_format,
-            max_length=max_length if max_length is not None else self.passage_max_length,
-            batch_size=batch_size,
-            convert_to=convert_to,
-            outputs=outputs,
+        return self._encode_checked(
+            "texts",
+            texts,
+            instruction,
+            instruction_format,
+            self.passage_max_length if max_length is None else max_length,
+            batch_size,
+            convert_to,
+            outputs,
         )
 
     def encode_queries(
@@ -330,19 +323,15 @@ class Embedder:
 
         Arguments and return value as :meth:`encode`.
         """
-        items, single = check_texts(queries, what="queries")
-        if self._pool is not None:
-            options = {"max_length": max_length, "batch_size": batch_size, "convert_to": convert_to}
-            return self._pooled("encode_queries", items, single, outputs=outputs, **options)
-        return self._encode(
-            items,
-            single=single,
-            instruction=self.query_instruction,
-            instruction_format=self.query_instruction_format,
-            max_length=max_length if max_length is not None else self.query_max_length,
-            batch_size=batch_size,
-            convert_to=convert_to,
-            outputs=outputs,
+        return self._encode_checked(
+            "queries",
+            queries,
+            self.query_instruction,
+            self.query_instruction_format,
+            self.query_max_length if max_length is None else max_length,
+            batch_size,
+            convert_to,
+            outputs,
         )
 
     def encode_corpus(
@@ -358,20 +347,34 @@ class Embedder:
 
         Arguments and return value as :meth:`encode`.
         """
-        items, single = check_texts(corpus, what="corpus")
-        if self._pool is not None:
-            options = {"max_length": max_length, "batch_size": batch_size, "convert_to": convert_to}
-            return self._pooled("encode_corpus", items, single, outputs=outputs, **options)
-        return self._encode(
-            items,
-            single=single,
-            instruction=self.passage_instruction,
-            instruction_format=self.passage_instruction_format,
-            max_length=max_length if max_length is not None else self.passage_max_length,
-            batch_size=batch_size,
-            convert_to=convert_to,
-            outputs=outputs,
+        return self._encode_checked(
+            "corpus",
+            corpus,
+            self.passage_instruction,
+            self.passage_instruction_format,
+            self.passage_max_length if max_length is None else max_length,
+            batch_size,
+            convert_to,
+            outputs,
         )
+
+    def _encode_checked(
+        self,
+        what: str,
+        texts: str | Sequence[str],
+        instruction: str | None,
+        instruction_format: str | None,
+        max_length: int,
+        batch_size: int | None,
+        convert_to: ConvertTo,
+        outputs: str | Sequence[str],
+    ) -> Any:
+        items, single = check_texts(texts, what=what)
+        options = {"instruction": instruction, "instruction_format": instruction_format, "max_length": max_length}
+        options.update(batch_size=batch_size, convert_to=convert_to, outputs=outputs)
+        if self._pool is not None:
+            return self._pooled("encode", items, single, **options)
+        return self._encode(items, single=single, **options)
 
     def _pooled(self, method: str, items: list[str], single: bool, **options: Any) -> Any:
         if self._closed:
@@ -558,6 +561,16 @@ _PLAIN_SETTINGS = (
     "precision",
     "backend_name",
 )
+
+
+def _read_model_type(path: str) -> str | None:
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            return json.load(handle).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def _several_devices(device: Any) -> list[DeviceLike] | None:

@@ -127,7 +127,8 @@ def export_onnx(model_path: str, *, masked_lm: bool = False, trust_remote_code: 
                 verbose=False,
             )
             program.optimize()
-            program.save(os.path.join(staging, "model.onnx"), external_data=False)
+            large = sum(p.numel() for p in model.parameters()) * 4 > 1_500_000_000  # protobuf's 2 GB limit
+            program.save(os.path.join(staging, "model.onnx"), external_data=large)
         with open(os.path.join(staging, "export.json"), "w", encoding="utf-8") as handle:
             json.dump({"model_path": model_path, "inputs": names, "outputs": outputs, **options}, handle)
         try:
