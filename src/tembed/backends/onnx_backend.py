@@ -287,6 +287,9 @@ class OpenVinoBackend(_OnnxBackendBase):
             "INFERENCE_NUM_THREADS": _threads(),
             "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY",
+            # Several worker processes each run their own OpenVINO: pinned threads would all land on the
+            # first cores. Leave placement to the OS.
+            "ENABLE_CPU_PINNING": False,
             "INFERENCE_PRECISION_HINT": hints[precision],
         }
         self.compiled: object | None = core.compile_model(core.read_model(model_file), "CPU", config)
