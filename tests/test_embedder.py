@@ -251,3 +251,15 @@ def test_bf16_precision_stays_close_and_returns_float32(minilm_path, minilm):
         vectors = embedder.encode(texts)
     assert vectors.dtype == np.float32
     assert np.sum(vectors * minilm.encode(texts), axis=1).min() >= 0.999
+
+
+def test_compute_dtype_per_device_and_precision():
+    from tembed.devices import resolve_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_dtype("auto", cpu) == torch.float32  # faithful on the CPU
+    assert resolve_dtype("auto", cuda) == torch.float16  # fp16 compute on GPUs by default
+    assert resolve_dtype("bf16", cuda) == torch.bfloat16
+    assert resolve_dtype("int8", cpu) == torch.float32  # int8 weights, float32 activations
+    with pytest.raises(ValueError, match="precision"):
+        resolve_dtype("fp8", cpu)
