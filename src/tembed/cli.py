@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -63,6 +62,8 @@ def info_command(model: str = typer.Argument(DEFAULT_MODEL, help="Folder, regist
             "query_max_length": embedder.query_max_length,
             "passage_max_length": embedder.passage_max_length,
             "outputs": list(spec.outputs),
+            "backend": embedder.backend_name,
+            "precision": embedder.precision,
         }
     typer.echo(json.dumps(info, indent=2, ensure_ascii=False))
 
@@ -102,10 +103,6 @@ def _open_embedder(model: str, **kwargs: Any) -> Any:
     """Load the model once for the run (tests replace this to share one model between runs)."""
     from tembed import Embedder
 
-    if "backend" in kwargs and "backend" not in inspect.signature(Embedder.__init__).parameters:
-        backend = kwargs.pop("backend")
-        if backend not in (None, "torch"):
-            raise _Stop(f"--backend {backend}: this version of tembed has only the torch backend", 2)
     return Embedder(model, **kwargs)
 
 
@@ -158,8 +155,10 @@ def encode_command(
     sparse: bool = typer.Option(False, "--sparse", help="Write sparse lexical weights (BGE-M3, SPLADE)."),
     colbert: bool = typer.Option(False, "--colbert", help="Write ColBERT token vectors (BGE-M3)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps (default: the first GPU, else cpu)."),
-    backend: str = typer.Option("torch", "--backend", help="Inference backend."),
-    precision: str = typer.Option("auto", "--precision", help="auto, fp32, fp16 or bf16."),
+    backend: str = typer.Option(
+        "auto", "--backend", help="auto (OpenVINO on CPU for encoders, else torch), torch, onnx or openvino."
+    ),
+    precision: str = typer.Option("auto", "--precision", help="auto, fp32, fp16, bf16 or int8 (CPU)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Most texts per forward pass."),
     max_length: int = typer.Option(None, "--max-length", min=1, help="Most tokens per text (default: the model's)."),
     chunk_size: int = typer.Option(

@@ -110,6 +110,9 @@ def export_onnx(model_path: str, *, masked_lm: bool = False, trust_remote_code: 
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(folder))
     try:
+        exporter_log = logging.getLogger("torch.onnx")
+        previous_level = exporter_log.level
+        exporter_log.setLevel(logging.ERROR)  # "torchvision is not installed" and similar notices
         with warnings.catch_warnings(), quiet_transformers():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
@@ -129,6 +132,7 @@ def export_onnx(model_path: str, *, masked_lm: bool = False, trust_remote_code: 
             program.optimize()
             large = sum(p.numel() for p in model.parameters()) * 4 > 1_500_000_000  # protobuf's 2 GB limit
             program.save(os.path.join(staging, "model.onnx"), external_data=large)
+        exporter_log.setLevel(previous_level)
         with open(os.path.join(staging, "export.json"), "w", encoding="utf-8") as handle:
             json.dump({"model_path": model_path, "inputs": names, "outputs": outputs, **options}, handle)
         try:
