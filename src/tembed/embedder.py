@@ -458,28 +458,16 @@ class Embedder:
             options.update(max_passage_length=max_passage_length, batch_size=batch_size)
             merged = self._pooled("compute_score", [tuple(pair) for pair in pair_list], False, **options)
             return {mode: values[0] for mode, values in merged.items()} if single else merged
-        queries, _ = check_texts([pair[0] for pair in pair_list], what="queries of pairs")
-        passages, _ = check_texts([pair[1] for pair in pair_list], what="passages of pairs")
-        names = ("dense", "sparse", "colbert")
-        query_outputs = self._encode(
-            queries,
-            single=False,
-            instruction=None,
-            instruction_format=None,
-            max_length=max_query_length or self.query_max_length,
-            batch_size=batch_size,
-            convert_to="numpy",
-            outputs=names,
+
+        def encode_all(what: str, texts: list[str], max_length: int) -> EncodeOutputs:
+            names = ("dense", "sparse", "colbert")
+            return self._encode_checked(what, texts, None, None, max_length, batch_size, "numpy", names)
+
+        query_outputs = encode_all(
+            "queries of pairs", [pair[0] for pair in pair_list], max_query_length or self.query_max_length
         )
-        passage_outputs = self._encode(
-            passages,
-            single=False,
-            instruction=None,
-            instruction_format=None,
-            max_length=max_passage_length or self.passage_max_length,
-            batch_size=batch_size,
-            convert_to="numpy",
-            outputs=names,
+        passage_outputs = encode_all(
+            "passages of pairs", [pair[1] for pair in pair_list], max_passage_length or self.passage_max_length
         )
         dense = np.sum(query_outputs.dense * passage_outputs.dense, axis=1, dtype=np.float64)
         sparse = np.array(
