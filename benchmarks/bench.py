@@ -65,9 +65,9 @@ def main() -> None:
 
     embedders = {
         "tembed torch fp32": tembed(backend="torch"),
-        "tembed torch fp32, max 32 texts": tembed(backend="torch", batch_size=32),
         "tembed onnx fp32": tembed(backend="onnx", precision="fp32"),
         "tembed default (openvino fp32)": tembed(),
+        "tembed default, 256 texts per batch": tembed(batch_size=256),
         "tembed torch bf16": tembed(backend="torch", precision="bf16"),
         "tembed openvino bf16": tembed(backend="openvino", precision="bf16"),
         "tembed int8 (auto: openvino)": tembed(precision="int8"),

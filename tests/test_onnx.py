@@ -53,14 +53,17 @@ def test_dense_same_as_torch(minilm, minilm_path, backend):
     assert _cosines(ours, minilm.encode(texts)).min() >= 0.99999
 
 
-def test_m3_all_outputs_same_as_torch(tiny_m3_path):
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_m3_all_outputs_same_as_torch(tiny_m3_path, backend):
     texts = ["What is BGE M3?", "", *sts_b_sentences("dev")[:40], *insuranceqa_answers()[:5]]
     names = ("dense", "sparse", "colbert")
-    with Embedder(tiny_m3_path, device="cpu") as torch_model:
+    with Embedder(tiny_m3_path, device="cpu", backend="torch") as torch_model:
         expected = torch_model.encode(texts, outputs=names)
-    with Embedder(tiny_m3_path, device="cpu", backend="onnx") as onnx_model:
+    with Embedder(tiny_m3_path, device="cpu", backend=backend) as onnx_model:
         ours = onnx_model.encode(texts, outputs=names)
+        dense_only = onnx_model.encode(texts)  # OpenVINO: CLS pooled inside the graph
     assert _cosines(ours.dense, expected.dense).min() >= 0.99999
+    assert np.abs(dense_only - ours.dense).max() <= 1e-6
     for mine, theirs in zip(ours.sparse, expected.sparse, strict=True):
         assert set(mine) == set(theirs)
         assert max((abs(mine[t] - w) for t, w in theirs.items()), default=0.0) <= 1e-4
@@ -70,19 +73,44 @@ def test_m3_all_outputs_same_as_torch(tiny_m3_path):
             assert _cosines(mine, theirs).min() >= 0.99999
 
 
-def test_splade_same_as_torch(splade_path):
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_splade_same_as_torch(splade_path, backend):
     texts = sts_b_sentences("test")[:80]
-    with Embedder(splade_path, device="cpu") as torch_model:
+    with Embedder(splade_path, device="cpu", backend="torch") as torch_model:
         expected = torch_model.encode(texts, outputs=("dense", "sparse"))
-    with Embedder(splade_path, device="cpu", backend="onnx") as onnx_model:
+    with Embedder(splade_path, device="cpu", backend=backend) as onnx_model:
         ours = onnx_model.encode(texts, outputs=("dense", "sparse"))
+        dense_only = onnx_model.encode(texts)
     assert _cosines(ours.dense, expected.dense).min() >= 0.99999
+    assert np.abs(dense_only - ours.dense).max() <= 1e-6
     for mine, theirs in zip(ours.sparse, expected.sparse, strict=True):
         keys = sorted(set(mine) | set(theirs))
         a = np.array([mine.get(k, 0.0) for k in keys])
         b = np.array([theirs.get(k, 0.0) for k in keys])
         assert np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) >= 0.99999
         assert np.abs(a - b).max() <= 1e-3  # tokens at the > 0 threshold may flip, with ~0 weight
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_openvino_pools_inside_its_graph(minilm_path, pooling, monkeypatch):
+    pytest.importorskip("openvino")
+    texts = sts_b_sentences("dev")[:90] + insuranceqa_answers()[:30]  # mixed lengths: padding in most batches
+    with Embedder(minilm_path, device="cpu", backend="torch", pooling=pooling, normalize=False) as reference:
+        expected = reference.encode(texts)
+    with Embedder(minilm_path, device="cpu", backend="openvino", pooling=pooling, normalize=False) as fast:
+        seen = []
+        forward = fast.backend.forward
+
+        def spy(batch, **kwargs):
+            output = forward(batch, **kwargs)
+            seen.append((output.hidden is None, tuple(output.pooled.shape) if output.pooled is not None else None))
+            return output
+
+        monkeypatch.setattr(fast.backend, "forward", spy)
+        ours = fast.encode(texts, batch_size=16)
+    assert len(seen) >= 8
+    assert all(no_hidden and shape is not None and shape[1] == 384 for no_hidden, shape in seen)
+    assert np.abs(ours - expected).max() <= 1e-5  # unnormalized, so a wrong mask or divisor shows
 
 
 def test_export_cache_is_reused(minilm_path, export_cache, monkeypatch):

@@ -159,7 +159,9 @@ def encode_command(
         "auto", "--backend", help="auto (OpenVINO on CPU for encoders, else torch), torch, onnx or openvino."
     ),
     precision: str = typer.Option("auto", "--precision", help="auto, fp32, fp16, bf16 or int8 (CPU)."),
-    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Most texts per forward pass."),
+    batch_size: int = typer.Option(
+        None, "--batch-size", min=1, help="Most texts per forward pass (default: 64 on the CPU, 256 on GPUs)."
+    ),
     max_length: int = typer.Option(None, "--max-length", min=1, help="Most tokens per text (default: the model's)."),
     chunk_size: int = typer.Option(
         DEFAULT_CHUNK_SIZE, "--chunk-size", min=1, help="Records per row group and per resume checkpoint."
@@ -204,7 +206,7 @@ def _encode(
     device: str | None,
     backend: str,
     precision: str,
-    batch_size: int,
+    batch_size: int | None,
     max_length: int | None,
     chunk_size: int,
     resume: bool,

@@ -28,6 +28,10 @@ DEFAULT_MAX_LENGTH = 512
 # Measured on a 2-core Zen 4 CPU (shared/reference/cpu-speed-measurements.md): batches of ~4k padded tokens
 # beat larger ones by 20-55% because they stay in cache. GPUs get no budget unless asked.
 DEFAULT_CPU_MAX_BATCH_TOKENS = 4096
+# On the CPU, batches of at most 64 texts: 256 short texts (3.5k tokens) ran 10-15% slower on OpenVINO than 64
+# (activations fall out of cache; benchmarks in docs/cpu-performance.md). GPUs want big batches.
+DEFAULT_CPU_BATCH_SIZE = 64
+DEFAULT_GPU_BATCH_SIZE = 256
 _ROBERTA_LIKE = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text"}
 
 
@@ -56,7 +60,7 @@ class Embedder:
         passage_instruction_format: template for passages; None: from the registry, else ``"{}{}"``.
         query_max_length: max tokens per query; None: from the registry / files, else 512.
         passage_max_length: max tokens per passage and for :meth:`encode`; None: as above.
-        batch_size: the most texts per forward pass (default 256).
+        batch_size: the most texts per forward pass; None: 64 on the CPU, 256 on GPUs.
         max_batch_tokens: the most padded tokens per forward pass; None: 4,096 on the CPU, no cap on GPUs.
         precision: ``"auto"`` (fp32 on CPU, fp16 on GPU), ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"int8"``
             (CPU, ONNX Runtime). Outputs are float32 whatever the compute precision. Fidelity and speed of each
@@ -91,7 +95,7 @@ class Embedder:
         passage_instruction_format: str | None = None,
         query_max_length: int | None = None,
         passage_max_length: int | None = None,
-        batch_size: int = 256,
+        batch_size: int | None = None,
         max_batch_tokens: int | None = None,
         precision: str = "auto",
         truncate_dim: int | None = None,
@@ -102,8 +106,8 @@ class Embedder:
     ) -> None:
         if pooling is not None and pooling not in POOLING_METHODS:
             raise ValueError(f"pooling must be one of {', '.join(POOLING_METHODS)}, got {pooling!r}")
-        _check_positive("batch_size", batch_size)
         for name, value in (
+            ("batch_size", batch_size),
             ("max_batch_tokens", max_batch_tokens),
             ("truncate_dim", truncate_dim),
             ("query_max_length", query_max_length),
@@ -184,7 +188,9 @@ class Embedder:
         self.passage_max_length = self._default_length(
             passage_max_length, spec.passage_max_length, "passage_max_length"
         )
-        self.batch_size = batch_size
+        self.batch_size = batch_size or (
+            DEFAULT_CPU_BATCH_SIZE if self.device.type == "cpu" else DEFAULT_GPU_BATCH_SIZE
+        )
         self.max_batch_tokens = (
             max_batch_tokens
             if max_batch_tokens is not None

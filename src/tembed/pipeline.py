@@ -178,10 +178,16 @@ class EncodePipeline:
         heads = self.heads
         batch = self.tokenizer.pad(sequences)
         want_logits = "sparse" in outputs and heads.sparse == "splade"
-        forward = self.backend.forward(batch, want_logits=want_logits)
-        hidden = forward.hidden
-        mask = torch.from_numpy(batch.attention_mask).to(hidden.device)
+        dense_only = tuple(outputs) == ("dense",)
+        forward = self.backend.forward(batch, want_logits=want_logits, pooling=heads.pooling if dense_only else None)
         result = EncodeOutputs()
+        if forward.pooled is not None:  # pooled inside the backend's graph; nothing else was asked for
+            vectors = finish(forward.pooled, truncate_dim=heads.truncate_dim, normalize=heads.normalize)
+            result.dense = vectors.cpu().numpy()
+            return result
+        hidden = forward.hidden
+        assert hidden is not None, "a backend returns the hidden state unless it returns pooled vectors"
+        mask = torch.from_numpy(batch.attention_mask).to(hidden.device)
         if "dense" in outputs:
             vectors = finish(
                 pool(hidden, mask, heads.pooling), truncate_dim=heads.truncate_dim, normalize=heads.normalize

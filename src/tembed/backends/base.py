@@ -36,12 +36,16 @@ class BackendOutput:
     """What a forward pass gives the heads.
 
     Attributes:
-        hidden: (batch, seq, hidden) last hidden state, on the backend's device, in the compute dtype.
+        hidden: (batch, seq, hidden) last hidden state, on the backend's device, in the compute dtype; None
+            only when ``pooled`` is given.
         logits: (batch, seq, vocab) masked-LM logits (SPLADE models, when asked for), else None.
+        pooled: (batch, hidden) float32 vectors pooled inside the backend's graph (see ``Backend.forward``'s
+            ``pooling``), else None.
     """
 
-    hidden: torch.Tensor
+    hidden: torch.Tensor | None
     logits: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
 
 
 class Backend(Protocol):
@@ -55,8 +59,16 @@ class Backend(Protocol):
     device: torch.device
     hidden_size: int
 
-    def forward(self, batch: TokenBatch, *, want_logits: bool = False) -> BackendOutput:
-        """Run the model; ``want_logits`` asks a masked-LM model for its vocabulary logits too."""
+    def forward(self, batch: TokenBatch, *, want_logits: bool = False, pooling: str | None = None) -> BackendOutput:
+        """Run the model.
+
+        Args:
+            batch: the padded token batch.
+            want_logits: ask a masked-LM model for its vocabulary logits too.
+            pooling: ``"cls"`` or ``"mean"`` when only pooled vectors are needed. A backend that pools inside its
+                compiled graph (saving the copy of the whole hidden state) returns them in ``pooled``; any other
+                backend ignores it and returns ``hidden``, which the pipeline pools.
+        """
         ...
 
     def close(self) -> None:

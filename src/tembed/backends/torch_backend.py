@@ -70,8 +70,11 @@ class TorchBackend:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
-    def forward(self, batch: TokenBatch, *, want_logits: bool = False) -> BackendOutput:
-        """The last hidden state (and masked-LM logits when asked for and loaded), on the device."""
+    def forward(self, batch: TokenBatch, *, want_logits: bool = False, pooling: str | None = None) -> BackendOutput:
+        """The last hidden state (and masked-LM logits when asked for and loaded), on the device.
+
+        ``pooling`` is ignored: the pipeline pools the hidden state (on the device, where it already is).
+        """
         if self.model is None or self.encoder is None:
             raise RuntimeError("this backend is closed")
         if want_logits and not self.masked_lm:
