@@ -38,7 +38,7 @@ def flops_per_token(length: float, hidden: int = 384, layers: int = 6, intermedi
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--iqa", type=int, default=2000, help="number of InsuranceQA answers")
     parser.add_argument("--only", nargs="*", help="run only the tembed variants whose name contains one of these")
