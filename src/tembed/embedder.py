@@ -28,8 +28,8 @@ DEFAULT_MAX_LENGTH = 512
 # Measured on a 2-core Zen 4 CPU (shared/reference/cpu-speed-measurements.md): batches of ~4k padded tokens
 # beat larger ones by 20-55% because they stay in cache. GPUs get no budget unless asked.
 DEFAULT_CPU_MAX_BATCH_TOKENS = 4096
-# On the CPU, batches of at most 64 texts: 256 short texts (3.5k tokens) ran 10-15% slower on OpenVINO than 64
-# (activations fall out of cache; benchmarks in docs/cpu-performance.md). GPUs want big batches.
+# On the CPU, batches of at most 64 texts: 256 short texts (3.5k tokens) ran 4-8% slower on OpenVINO than 64 in
+# `make bench` (activations fall out of cache; docs/cpu-performance.md). GPUs want big batches.
 DEFAULT_CPU_BATCH_SIZE = 64
 DEFAULT_GPU_BATCH_SIZE = 256
 _ROBERTA_LIKE = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text"}

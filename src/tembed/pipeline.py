@@ -181,17 +181,11 @@ class EncodePipeline:
         dense_only = tuple(outputs) == ("dense",)
         forward = self.backend.forward(batch, want_logits=want_logits, pooling=heads.pooling if dense_only else None)
         result = EncodeOutputs()
-        if forward.pooled is not None:  # pooled inside the backend's graph; nothing else was asked for
-            vectors = finish(forward.pooled, truncate_dim=heads.truncate_dim, normalize=heads.normalize)
-            result.dense = vectors.cpu().numpy()
-            return result
-        hidden = forward.hidden
-        assert hidden is not None, "a backend returns the hidden state unless it returns pooled vectors"
-        mask = torch.from_numpy(batch.attention_mask).to(hidden.device)
+        hidden = forward.hidden  # None only when the backend pooled inside its graph (dense-only calls)
+        mask = torch.from_numpy(batch.attention_mask).to(hidden.device) if hidden is not None else None
         if "dense" in outputs:
-            vectors = finish(
-                pool(hidden, mask, heads.pooling), truncate_dim=heads.truncate_dim, normalize=heads.normalize
-            )
+            pooled = forward.pooled if forward.pooled is not None else pool(hidden, mask, heads.pooling)  # type: ignore[arg-type]
+            vectors = finish(pooled, truncate_dim=heads.truncate_dim, normalize=heads.normalize)
             result.dense = vectors.cpu().numpy()
         if "sparse" in outputs:
             if heads.sparse == "splade":
