@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 
 
@@ -17,8 +18,11 @@ def check_texts(texts: str | Sequence[str], *, what: str = "texts") -> tuple[lis
 
     Raises:
         TypeError: ``texts`` is None, not a str / sequence of str, or holds a non-str item (the index is named).
+        ValueError: a text holds a lone surrogate (``"\\ud83d"``), which cannot be encoded as UTF-8 (the index and
+            the position are named).
     """
     if isinstance(texts, str):
+        _check_encodable(texts, what)
         return [texts], True
     if texts is None:
         raise TypeError(f"{what} must be a str or a list of str, got None")
@@ -30,7 +34,21 @@ def check_texts(texts: str | Sequence[str], *, what: str = "texts") -> tuple[lis
     for index, item in enumerate(items):
         if not isinstance(item, str):
             raise TypeError(f"{what}[{index}] must be a str, got {type(item).__name__}: {item!r:.80}")
+        _check_encodable(item, f"{what}[{index}]")
     return items, False
+
+
+def _check_encodable(text: str, name: str) -> None:
+    """Raise ValueError naming ``name`` when ``text`` cannot be encoded as UTF-8 (a lone surrogate)."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{name} contains a lone surrogate at position {error.start} ({text[error.start]!r}): it is not valid "
+            "Unicode text and cannot be encoded as UTF-8 (decode the source with errors='replace', or drop it)"
+        ) from None
 
 
 def normalize_format(instruction_format: str) -> str:
@@ -49,10 +67,26 @@ def apply_instruction(texts: list[str], instruction: str | None, instruction_for
     """
     if not instruction:
         return texts
-    template = normalize_format(instruction_format or "{}{}")
+    template = check_instruction_format(instruction_format or "{}{}")
+    return [template.format(instruction, text) for text in texts]
+
+
+def check_instruction_format(instruction_format: str) -> str:
+    """The template with ``\\n`` turned into a newline, after checking it has exactly two positional slots.
+
+    ``"{}{}"``, ``"Instruct: {}\\nQuery: {}"`` and ``"{0} {1}"`` pass. A template with one slot (``"{}"``,
+    ``"Instruct: {}"``) would silently drop the text and one with named or extra slots cannot be filled:
+    both raise ValueError.
+    """
+    template = normalize_format(instruction_format)
     try:
-        return [template.format(instruction, text) for text in texts]
-    except (IndexError, KeyError) as error:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as error:  # an unmatched brace
+        raise ValueError(f"instruction_format {instruction_format!r} is not a valid format string: {error}") from None
+    positions = [field.split(".")[0].split("[")[0] for field in fields]
+    if positions not in (["", ""], ["0", "1"], ["1", "0"]):
         raise ValueError(
-            f"instruction_format {instruction_format!r} must have two positional slots: format(instruction, text)"
-        ) from error
+            f"instruction_format {instruction_format!r} must have exactly two positional slots, "
+            f"format(instruction, text), such as '{{}}{{}}'; it has {len(fields)} ({', '.join(map(repr, fields))})"
+        )
+    return template

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,7 +11,7 @@ from tembed.backends.base import TokenBatch
 
 
 class TextTokenizer:
-    """A Hugging Face fast tokenizer with the two operations the pipeline needs.
+    """A Hugging Face fast tokenizer with the two operations the pipeline needs; safe to call from many threads.
 
     Args:
         path: the model folder (``tokenizer.json`` / ``tokenizer_config.json``).
@@ -27,6 +28,7 @@ class TextTokenizer:
         from transformers import AutoTokenizer
 
         self.hf = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self._lock = threading.Lock()
         pad_id = self.hf.pad_token_id
         if pad_id is None:
             pad_id = self.hf.eos_token_id
@@ -49,15 +51,19 @@ class TextTokenizer:
         """Token ids per text, truncated to ``max_length`` tokens (special tokens included), unpadded."""
         if not texts:
             return []
-        encoded = self.hf(
-            list(texts),
-            truncation=True,
-            max_length=max_length,
-            padding=False,
-            add_special_tokens=add_special_tokens,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-        )
+        # A fast tokenizer keeps its truncation settings in shared state that each call sets and then reads: two
+        # threads with different max_length would truncate with each other's length (or fail with "Already
+        # borrowed"). One call at a time; the Rust side still uses its own threads within a batch.
+        with self._lock:
+            encoded = self.hf(
+                list(texts),
+                truncation=True,
+                max_length=max_length,
+                padding=False,
+                add_special_tokens=add_special_tokens,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
         return encoded["input_ids"]
 
     def pad(self, sequences: Sequence[Sequence[int]]) -> TokenBatch:

@@ -31,7 +31,7 @@ import torch
 
 from tembed.devices import resolve_device
 from tembed.embedder import Embedder
-from tembed.models.registry import lookup, registry_key
+from tembed.models.registry import lookup, registry_key, registry_vouches_for_code
 from tembed.text import apply_instruction, check_texts, normalize_format
 
 logger = logging.getLogger(__name__)
@@ -452,7 +452,8 @@ class FlagAutoModel:
                 logger.info("%s is not in the registry; using its own files: %s", model_name_or_path, spec)
             target = BGEM3FlagModel if spec.kind == "m3" else _CLASS_BY_KIND[spec.kind]
             pooling_method = pooling_method or spec.pooling
-            trust_remote_code = spec.trust_remote_code if trust_remote_code is None else trust_remote_code
+            if trust_remote_code is None:  # the registry vouches for its exact hub ids only, never a look-alike
+                trust_remote_code = registry_vouches_for_code(model_name_or_path)
             query_instruction_format = query_instruction_format or spec.query_instruction_format
         return target(
             model_name_or_path,

@@ -287,6 +287,20 @@ def lookup(name_or_path: str | os.PathLike[str]) -> ModelSpec | None:
     return None
 
 
+def registry_vouches_for_code(name: str | os.PathLike[str]) -> bool:
+    """Whether the registry lets ``name`` run its checkpoint's own code without ``trust_remote_code=True``.
+
+    Only an entry marked ``trust_remote_code`` does, and only for that entry's exact hub id (or its bare registry
+    name, which is fetched from that hub id): never for a local folder, a ``checkpoint-*`` folder or another
+    organisation's repository that merely shares the basename (``any-org/gte-large-en-v1.5``).
+    """
+    name = os.fspath(name)
+    spec = REGISTRY.get(name) or lookup(name)
+    if spec is None or not spec.trust_remote_code or not spec.hub_id:
+        return False
+    return name in (spec.hub_id, spec.name) and not os.path.exists(os.path.expanduser(name))
+
+
 def list_models() -> list[ModelSpec]:
     """All registry entries, sorted by family then name."""
     return sorted(REGISTRY.values(), key=lambda s: (s.family, s.name))

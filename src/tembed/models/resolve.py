@@ -15,13 +15,13 @@ decoders, normalized). A conflict between the registry and the folder's files is
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import warnings
 from dataclasses import dataclass
 
-from tembed.models.registry import REGISTRY, ModelSpec, lookup, registry_key
+from tembed.models.files import ModelFilesError, read_json_file
+from tembed.models.registry import REGISTRY, ModelSpec, lookup, registry_key, registry_vouches_for_code
 from tembed.models.st_config import SentenceTransformersConfig, read_sentence_transformers_config
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ class ResolvedModel:
         source: where the files were found: ``"local"``, ``"package:<name>"``, ``"hf-cache"`` or ``"download"``.
         in_registry: whether a registry entry applied.
         st_config: what the folder's sentence-transformers files say.
+        trust_remote_code: whether the registry vouches for the checkpoint's own code (see
+            :func:`tembed.models.registry.registry_vouches_for_code`); a user's ``trust_remote_code=True`` is
+            needed otherwise.
     """
 
     name: str
@@ -78,6 +81,7 @@ class ResolvedModel:
     source: str
     in_registry: bool
     st_config: SentenceTransformersConfig
+    trust_remote_code: bool = False
 
 
 def _bundled_folder(hub_id: str) -> tuple[str, str] | None:
@@ -142,8 +146,12 @@ def find_model_files(name: str) -> tuple[str, str]:
 
 
 def _read_config(path: str) -> dict:
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
-        return json.load(handle)
+    config = read_json_file(os.path.join(path, "config.json"))
+    if not isinstance(config, dict):
+        raise ModelFilesError(
+            f"{os.path.join(path, 'config.json')} holds a JSON {type(config).__name__}, not an object"
+        )
+    return config
 
 
 def _spec_from_files(name: str, path: str, config: dict, st: SentenceTransformersConfig) -> ModelSpec:
@@ -203,6 +211,7 @@ def resolve_model(name: str | os.PathLike[str]) -> ResolvedModel:
     if not isinstance(name, str) or not name.strip():
         raise TypeError(f"model must be a non-empty string (a folder, registry name or hub id), got {name!r}")
     path, source = find_model_files(name)
+    config = _read_config(path)  # a corrupt config.json is named here, before any loader trips on it
     st = read_sentence_transformers_config(path)
     registered = lookup(name)
     if registered is None and source != "local":
@@ -211,8 +220,14 @@ def resolve_model(name: str | os.PathLike[str]) -> ResolvedModel:
         _warn_conflicts(name, registered, st)
         spec = registered
     else:
-        spec = _spec_from_files(name, path, _read_config(path), st)
+        spec = _spec_from_files(name, path, config, st)
     logger.debug("resolved %r -> %s (%s), spec %s", name, path, source, spec)
     return ResolvedModel(
-        name=name, path=path, spec=spec, source=source, in_registry=registered is not None, st_config=st
+        name=name,
+        path=path,
+        spec=spec,
+        source=source,
+        in_registry=registered is not None,
+        st_config=st,
+        trust_remote_code=source != "local" and registry_vouches_for_code(name),
     )

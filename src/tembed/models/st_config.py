@@ -7,10 +7,11 @@ length and the ``query`` / ``passage`` (or ``document``) prompts.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
+
+from tembed.models.files import read_json_file
 
 _POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
@@ -48,11 +49,6 @@ class SentenceTransformersConfig:
         return self == SentenceTransformersConfig()
 
 
-def _read_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
 def _pooling_from(config: dict[str, Any], path: str) -> str | None:
     if config.get("pooling_mode"):  # newer ST versions write a single string
         mode = str(config["pooling_mode"]).replace("lasttoken", "last_token")
@@ -74,21 +70,21 @@ def read_sentence_transformers_config(folder: str) -> SentenceTransformersConfig
     pooling = normalize = max_seq_length = query_prompt = passage_prompt = None
     modules_path = os.path.join(folder, "modules.json")
     if os.path.isfile(modules_path):
-        modules = _read_json(modules_path)
+        modules = read_json_file(modules_path)
         types = [str(module.get("type", "")) for module in modules]
         normalize = any(t.endswith(".Normalize") for t in types)
         for module in modules:
             if str(module.get("type", "")).endswith(".Pooling"):
                 pooling_path = os.path.join(folder, module.get("path", ""), "config.json")
                 if os.path.isfile(pooling_path):
-                    pooling = _pooling_from(_read_json(pooling_path), pooling_path)
+                    pooling = _pooling_from(read_json_file(pooling_path), pooling_path)
     sbert_path = os.path.join(folder, "sentence_bert_config.json")
     if os.path.isfile(sbert_path):
-        value = _read_json(sbert_path).get("max_seq_length")
+        value = read_json_file(sbert_path).get("max_seq_length")
         max_seq_length = int(value) if value else None
     st_path = os.path.join(folder, "config_sentence_transformers.json")
     if os.path.isfile(st_path):
-        prompts = _read_json(st_path).get("prompts") or {}
+        prompts = read_json_file(st_path).get("prompts") or {}
         query_prompt = prompts.get("query") or None
         passage_prompt = prompts.get("passage") or prompts.get("document") or None
     return SentenceTransformersConfig(pooling, normalize, max_seq_length, query_prompt, passage_prompt)
