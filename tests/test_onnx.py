@@ -147,14 +147,24 @@ def test_bf16_quality_floor(minilm, minilm_path):
 
 
 def test_int8_meets_its_targets(minilm, minilm_path):
-    """The default int8 (OpenVINO static int8): Spearman within 0.3, mean cosine >= 0.99, min >= 0.97."""
+    """The default int8 (OpenVINO static int8): Spearman within 0.3, mean cosine >= 0.99, min >= 0.97.
+
+    On this CPU's recipe: ``"vnni"`` (AVX512-VNNI / AVX-VNNI / AMX: static int8) or ``"no-vnni"`` (AVX2: int8
+    weights only; static int8 gave min cosine 0.9688 on Zen 3, its int16 sums saturating without VNNI).
+    """
     pytest.importorskip("nncf")
+    from tembed.backends.quantize import openvino_int8_recipe
+
     texts = sts_b_sentences("test") + insuranceqa_answers()[:500]
     with Embedder(minilm_path, device="cpu", precision="int8", show_progress_bar=False) as e:
         assert e.backend_name == "openvino"
+        assert e.backend.int8_recipe == openvino_int8_recipe()
         cosines = _cosines(e.encode(texts, max_length=256), minilm.encode(texts, max_length=256))
         spearman = _spearman(e)
-    print(f"[int8 openvino] cos mean {cosines.mean():.6f} min {cosines.min():.5f} spearman {spearman:.2f}")
+    print(
+        f"[int8 openvino, recipe {openvino_int8_recipe()}] cos mean {cosines.mean():.6f} min {cosines.min():.5f} "
+        f"spearman {spearman:.2f}"
+    )
     assert cosines.mean() >= 0.99
     assert cosines.min() >= 0.97
     assert abs(spearman - PUBLISHED_STSB_SPEARMAN) <= 0.3

@@ -14,11 +14,12 @@ import torch
 from tembed.backends import choose_backend, create_backend
 from tembed.devices import DeviceLike, resolve_device, resolve_dtype
 from tembed.heads import M3Heads
+from tembed.models.files import check_model_folder, check_tokenizer_size, read_json_file
 from tembed.models.registry import DEFAULT_MODEL, POOLING_METHODS, ModelSpec
 from tembed.models.resolve import ResolvedModel, resolve_model
 from tembed.outputs import EncodeOutputs
 from tembed.pipeline import EncodePipeline, HeadConfig
-from tembed.text import apply_instruction, check_texts
+from tembed.text import apply_instruction, check_instruction_format, check_texts
 from tembed.tokenize import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ class Embedder:
             on a CPU: docs/cpu-performance.md.
         truncate_dim: keep the first ``truncate_dim`` dimensions (Matryoshka) before normalizing.
         show_progress_bar: True / False, or None to show a bar for inputs of 1,024 texts or more.
-        trust_remote_code: allow the checkpoint's own code; None: from the registry (default False).
+        trust_remote_code: allow the checkpoint's own code. None (default): only for a registry entry that needs it,
+            named by its exact hub id (``"Alibaba-NLP/gte-large-en-v1.5"``); a local folder or another repository
+            with the same basename needs ``True``, else loading it raises an error that says so.
         outputs: the outputs to load heads for, among ``"dense"``, ``"sparse"``, ``"colbert"``; None: all the
             model has (BGE-M3: all three, heads from ``colbert_linear.pt`` / ``sparse_linear.pt``, an error if
             they are missing; SPLADE: dense and sparse). ``("dense",)`` uses an M3 model dense-only.
@@ -115,8 +118,16 @@ class Embedder:
         ):
             if value is not None:
                 _check_positive(name, value)
+        for template in (query_instruction_format, passage_instruction_format):
+            if template is not None:
+                check_instruction_format(template)
         self._pool: Any = None
         self._closed = False
+        self.resolved: ResolvedModel = resolve_model(model)
+        spec = self.resolved.spec
+        self.spec: ModelSpec = spec
+        remote = self.resolved.trust_remote_code if trust_remote_code is None else trust_remote_code
+        check_model_folder(self.resolved.path, trust_remote_code=remote)
         devices = _several_devices(device)
         if devices is not None:
             self._start_pool(
@@ -135,18 +146,14 @@ class Embedder:
                 precision=precision,
                 truncate_dim=truncate_dim,
                 show_progress_bar=show_progress_bar,
-                trust_remote_code=trust_remote_code,
+                trust_remote_code=remote,
                 outputs=outputs,
                 backend=backend,
             )
             return
-        self.resolved: ResolvedModel = resolve_model(model)
-        spec = self.resolved.spec
-        self.spec: ModelSpec = spec
         self.device = resolve_device(device[0] if isinstance(device, (list, tuple)) else device)
         self.precision = precision
         dtype = resolve_dtype(precision, self.device)
-        remote = spec.trust_remote_code if trust_remote_code is None else trust_remote_code
 
         wanted = tuple(spec.outputs if outputs is None else outputs)
         unknown = [name for name in wanted if name not in spec.outputs]
@@ -154,10 +161,12 @@ class Embedder:
             raise ValueError(f"outputs={wanted!r}: this model ({spec.kind}) can produce {', '.join(spec.outputs)}")
 
         self.tokenizer = TextTokenizer(self.resolved.path, trust_remote_code=remote)
+        config = read_json_file(os.path.join(self.resolved.path, "config.json"))  # valid: resolve_model read it
+        check_tokenizer_size(self.resolved.path, len(self.tokenizer.hf), config.get("vocab_size"))
         sparse_kind = None
         if "sparse" in wanted:
             sparse_kind = "splade" if spec.kind == "splade" else "m3"
-        model_type = _read_model_type(self.resolved.path)
+        model_type = config.get("model_type")
         self.backend_name = choose_backend(backend, precision, self.device, model_type)
         backend_options: dict[str, Any] = dict(
             device=self.device, precision=precision, dtype=dtype, trust_remote_code=remote
@@ -171,6 +180,10 @@ class Embedder:
             warnings.warn(f"{self.backend_name} backend unavailable ({error}); using torch", stacklevel=2)
             self.backend_name = "torch"
             self.backend = create_backend("torch", self.resolved.path, **backend_options)
+        torch_names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+        self.effective_precision: str = getattr(self.backend, "effective_precision", None) or torch_names[dtype]
+        """The precision the model really runs in (``precision`` is kept as asked): ``"auto"`` resolved, and
+        ``"fp32"`` where ``"bf16"`` was asked of OpenVINO on a CPU without native bf16 (AVX512-BF16 / AMX)."""
         m3_heads = None
         if spec.kind == "m3" and ("sparse" in wanted or "colbert" in wanted):
             heads_dtype = dtype if self.backend_name == "torch" else torch.float32
@@ -214,8 +227,6 @@ class Embedder:
         """Several devices: a pool of worker processes, each loading the model itself (tembed.parallel)."""
         from tembed.parallel import EmbedderPool
 
-        self.resolved = resolve_model(model)
-        self.spec = self.resolved.spec
         self._pool = EmbedderPool(model, devices, **options)
         self.device = self._pool.devices
         settings = self._pool.worker_settings
@@ -538,7 +549,7 @@ class Embedder:
         return (
             f"Embedder(model={self.resolved.name!r}, device={str(self.device)!r}, pooling={self.pooling!r}, "
             f"dim={self.embedding_dim}, normalize={self.normalize}, precision={self.precision!r}, "
-            f"backend={self.backend_name!r})"
+            f"effective_precision={self.effective_precision!r}, backend={self.backend_name!r})"
         )
 
 
@@ -553,18 +564,9 @@ _PLAIN_SETTINGS = (
     "batch_size",
     "max_batch_tokens",
     "precision",
+    "effective_precision",
     "backend_name",
 )
-
-
-def _read_model_type(path: str) -> str | None:
-    import json
-
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
-            return json.load(handle).get("model_type")
-    except (OSError, ValueError):
-        return None
 
 
 def _several_devices(device: Any) -> list[DeviceLike] | None:

@@ -8,6 +8,8 @@ precision.
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 
 import torch
 
@@ -21,6 +23,36 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _telemetry_opted_in() -> bool:
+    """Whether this user opted in to OpenVINO telemetry (``opt_in_out --opt_in`` writes ``1`` to the consent file
+    ``~/intel/openvino_telemetry``; on Windows ``%LOCALAPPDATA%/Intel Corporation/openvino_telemetry``)."""
+    if sys.platform == "win32":
+        consent = os.path.join(os.environ.get("LOCALAPPDATA", ""), "Intel Corporation", "openvino_telemetry")
+    else:
+        consent = os.path.join(os.path.expanduser("~"), "intel", "openvino_telemetry")
+    try:
+        with open(consent, encoding="utf-8") as handle:
+            return handle.readline().strip() == "1"
+    except OSError:
+        return False
+
+
+def disable_openvino_telemetry() -> None:
+    """Keep OpenVINO and NNCF from sending usage telemetry, unless the user opted in.
+
+    ``import openvino`` initializes the ``openvino_telemetry`` package, which (without a consent file) writes a
+    client ID under ``~/intel`` and sends an "import" event to Google Analytics; NNCF does the same when imported.
+    Both fall back to a no-op stub when ``openvino_telemetry`` cannot be imported, so this makes it unimportable in
+    this process (``sys.modules`` entry ``None``) before tembed imports either: nothing is written and nothing
+    is sent, and the user's machine-wide setting is left alone. A user who opted in (``opt_in_out --opt_in``)
+    keeps telemetry. Called before every ``import openvino`` / ``import nncf`` in tembed; a no-op if
+    ``openvino_telemetry`` was already imported by someone else.
+    """
+    if "openvino_telemetry" in sys.modules or _telemetry_opted_in():
+        return
+    sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # import raises ImportError: the stubs
+
+
 # Architectures whose ONNX export is tested (encoder models: BERT, RoBERTa / XLM-R and friends).
 EXPORT_TESTED_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "camembert", "mpnet", "electra"}
 
@@ -30,9 +62,11 @@ def choose_backend(backend: str, precision: str, device: torch.device, model_typ
 
     ``"auto"`` is torch on GPUs. On the CPU, for encoder models whose export is tested (``model_type`` in
     :data:`EXPORT_TESTED_MODEL_TYPES`) and with OpenVINO installed: ``fp32`` runs on OpenVINO (same vectors as
-    torch, 1.2-1.6x faster here), ``bf16`` on OpenVINO (faster and more faithful than torch bf16), ``int8`` on
-    OpenVINO static int8 (NNCF; the recipe that meets tembed's int8 targets) when nncf is installed, else ONNX
-    Runtime dynamic int8. Otherwise torch (int8: ONNX Runtime).
+    torch, 1.2-1.6x faster here), ``bf16`` on OpenVINO (faster and more faithful than torch bf16; fp32 with a
+    warning on CPUs without native bf16), ``int8`` on OpenVINO with NNCF (static int8 on CPUs with VNNI, int8
+    weights only on the others: the recipes that meet tembed's int8 targets, see
+    :data:`tembed.backends.quantize.OPENVINO_INT8_RECIPES`) when nncf is installed, else ONNX Runtime dynamic int8.
+    Otherwise torch (int8: ONNX Runtime).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -23,6 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from tembed.backends import disable_openvino_telemetry
+
+disable_openvino_telemetry()  # before anything here imports openvino or nncf
 CALIBRATION_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration.txt")
 
 
@@ -195,7 +198,9 @@ def quantize_openvino(
     """NNCF post-training int8 quantization (transformer model type) of an ONNX export; returns an ``ov.Model``.
 
     ``keep_fp32`` is a :func:`fp32_nodes` rule; those MatMuls go into NNCF's ignored scope. Compile the result with
-    the ``bf16`` inference precision hint on CPUs with AVX512-BF16/AMX so the unquantized ops run in bf16.
+    the ``bf16`` inference precision hint on CPUs with AVX512-BF16/AMX so the unquantized ops run in bf16. (NNCF's
+    overflow fix, 7-bit weights for CPUs without VNNI, was measured and not adopted: see
+    :data:`OPENVINO_INT8_RECIPES`.)
     """
     import nncf
     import onnx
@@ -275,6 +280,39 @@ def quantize_nbits_int8(
 
 OPENVINO_INT8_RULE = "first_down"  # the first layer's FFN output MatMul stays in floating point (bf16/f32)
 
+# The OpenVINO int8 recipe depends on the CPU that runs it (the cached IR's file name carries the recipe's name):
+# * "vnni": CPUs with int8 dot products that add into int32 (AVX512-VNNI, AVX-VNNI, AMX-INT8): static int8
+#   (int8 activations and weights, calibrated), the recipe measured on Zen 4 (docs/cpu-performance.md).
+# * "no-vnni": every other CPU (AVX2, AVX-512 without VNNI, unknown): int8 weights, floating-point activations
+#   (NNCF weight compression, no calibration). There static int8 loses too much: u8 x s8 products are summed in
+#   pairs into int16 (vpmaddubsw), which saturates with full-range weights (MiniLM on Zen 3: min cosine 0.9688,
+#   against 0.9759 for the same model with its int8 ops emulated in f32), and NNCF's overflow fix (7-bit weights)
+#   removes the saturation but loses as much to the coarser weights (min 0.9657). Weight compression there:
+#   mean cosine 0.9996, min 0.998.
+OPENVINO_INT8_RECIPES: dict[str, dict[str, Any]] = {
+    "vnni": {"keep_fp32": OPENVINO_INT8_RULE, "preset": "mixed"},
+    "no-vnni": {"weights_only": True},
+}
+_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (``avx2``, ``avx512_vnni``...); empty where unknown."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def openvino_int8_recipe(flags: frozenset[str] | None = None) -> str:
+    """The :data:`OPENVINO_INT8_RECIPES` name for this CPU: ``"vnni"`` with AVX512-VNNI / AVX-VNNI / AMX-INT8,
+    else ``"no-vnni"`` (also where the flags cannot be read: int8 weights alone are faithful on every CPU)."""
+    return "vnni" if (cpu_flags() if flags is None else flags) & _VNNI_FLAGS else "no-vnni"
+
 
 def tokenized_calibration(
     model_path: str, input_names: Sequence[str], *, max_length: int = 256, trust_remote_code: bool = False
@@ -301,13 +339,30 @@ def write_openvino_int8(
     *,
     keep_fp32: str = OPENVINO_INT8_RULE,
     preset: str = "mixed",
+    weights_only: bool = False,
 ) -> None:
     """The recommended OpenVINO int8 recipe, saved as IR (``target_xml`` + ``.bin``).
 
     NNCF static PTQ (transformer model type: SmoothQuant, per-channel int8 weights), the mixed preset (asymmetric
-    activations) and the first FFN down-projection left unquantized. Compile with the ``bf16`` precision hint where
-    the CPU has AVX512-BF16/AMX (the unquantized ops then run in bf16).
+    activations) and the first FFN down-projection left unquantized. ``weights_only=True``: int8 weights only
+    (:func:`compress_openvino_int8`, ``feeds`` unused), the recipe for CPUs without VNNI (see
+    :data:`OPENVINO_INT8_RECIPES`). Compile with the ``bf16`` precision hint where the CPU has AVX512-BF16/AMX (the
+    floating-point ops then run in bf16).
     """
     import openvino as ov
 
-    ov.save_model(quantize_openvino(source, feeds, keep_fp32=keep_fp32, preset=preset), target_xml)
+    if weights_only:
+        model = compress_openvino_int8(source)
+    else:
+        model = quantize_openvino(source, feeds, keep_fp32=keep_fp32, preset=preset)
+    ov.save_model(model, target_xml)
+
+
+def compress_openvino_int8(source: str) -> Any:
+    """NNCF int8 weight compression of an ONNX export (per-channel asymmetric int8 weights of every MatMul and
+    embedding table, turned back into floating point inside the kernels; activations stay floating point). No
+    calibration. Returns an ``ov.Model``."""
+    import nncf
+    import openvino as ov
+
+    return nncf.compress_weights(ov.Core().read_model(source), mode=nncf.CompressWeightsMode.INT8_ASYM)
