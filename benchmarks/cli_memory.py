@@ -6,6 +6,7 @@ sampled along the run, the time and the output size.
 
     .venv/bin/python benchmarks/cli_memory.py                      # 20,000 and 100,000 lines, --max-length 32
     .venv/bin/python benchmarks/cli_memory.py --sizes 2000 10000 --max-length 16
+    .venv/bin/python benchmarks/cli_memory.py --sizes 4096 --max-length 256 --model M3_FOLDER --colbert
 """
 
 from __future__ import annotations
@@ -70,8 +71,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000])
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--model", default=None, help="default: tembed's default model")
+    parser.add_argument("--colbert", action="store_true", help="write dense and ColBERT vectors (a BGE-M3 model)")
     args = parser.parse_args()
     extra = ["--max-length", str(args.max_length), "--device", "cpu"]
+    if args.colbert:
+        extra += ["--dense", "--colbert"]
     if args.model:
         extra += ["--model", args.model]
     with tempfile.TemporaryDirectory() as folder:

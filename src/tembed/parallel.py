@@ -294,6 +294,9 @@ class EmbedderPool:
                 worker.pid = process.pid
                 send.close()  # the worker holds the only writing end: its death is an EOF here
             self._wait_ready(start_timeout)
+            # Every worker has opened the queues' and the event's named semaphores: unlink the names now, so that
+            # nothing is left to clean up (and no "leaked semaphore" warning) if this process is SIGKILLed.
+            _unlink_semaphore_names([self._resources.stop_event, *(worker.tasks for worker in self._workers)])
         except BaseException:
             self._resources.graceful = False
             self._closed = True
@@ -641,6 +644,47 @@ def _shutdown(resources: _Resources) -> None:
         with contextlib.suppress(Exception):
             if _started(worker) and worker.process.exitcode is not None:
                 worker.process.close()
+
+
+def _unlink_semaphore_names(objects: list[Any]) -> None:
+    """Remove the names of the POSIX semaphores inside multiprocessing objects whose processes all hold them open.
+
+    With ``spawn`` / ``forkserver``, each multiprocessing lock, semaphore, queue and event is a *named* semaphore
+    that the parent registers with multiprocessing's resource tracker and unlinks when the object is collected.
+    A parent killed by SIGKILL never unlinks them; the tracker then does, printing "resource_tracker: There appear
+    to be N leaked semaphore objects to clean up at shutdown". Once every worker has opened them (they are passed
+    only at process start), the names are not needed: unlinking them here leaves the semaphores working in every
+    process, and nothing for the tracker to report. A semaphore whose cleanup cannot be found is left as it was.
+    """
+    import multiprocessing.synchronize as synchronize
+    import multiprocessing.util as mp_util
+    from multiprocessing import resource_tracker
+
+    semlocks: list[Any] = []
+    stack, seen = list(objects), set()
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, synchronize.SemLock):
+            semlocks.append(obj)
+        elif type(obj).__module__.startswith("multiprocessing.") and hasattr(obj, "__dict__"):
+            stack.extend(v for v in vars(obj).values() if type(v).__module__.startswith("multiprocessing."))
+    names = {getattr(lock._semlock, "name", None) for lock in semlocks} - {None}
+    if not names:
+        return
+    for finalizer in list(mp_util._finalizer_registry.values()):
+        args = getattr(finalizer, "_args", None)
+        if getattr(finalizer, "_callback", None) is not synchronize.SemLock._cleanup:
+            continue
+        if not args or args[0] not in names:
+            continue
+        finalizer.cancel()
+        with contextlib.suppress(OSError):
+            synchronize.sem_unlink(args[0])
+        with contextlib.suppress(Exception):
+            resource_tracker.unregister(args[0], "semaphore")
 
 
 def _started(worker: _Worker) -> bool:

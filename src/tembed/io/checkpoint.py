@@ -11,19 +11,49 @@ A part or rejects file the manifest does not name (a run killed between writing 
 deleted on resume, so a resumed run continues from exactly the last recorded chunk: no duplicate, no gap.
 Nothing is written at OUTPUT itself until the merge, which writes a temporary file inside the partial folder and
 moves it into place with ``os.replace``.
+
+The manifest also records what the vectors depend on, so that ``--resume`` never mixes two models' vectors in one
+file: the options (model, kind, fields, formats, outputs, max length, precision; checked before the model loads)
+and, under ``model``, the backend actually used, the device type and a fingerprint of the model's files (checked
+right after it loads, before anything is encoded).
+
+While a run works on OUTPUT it holds :class:`OutputLock` (``OUTPUT.lock``), so that a second run on the same
+output is refused instead of deleting or interleaving the first one's parts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from tembed.io.writers import write_durably
 
-MANIFEST_VERSION = 1
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the lock file only records the pid
+    fcntl = None  # type: ignore[assignment]
+
+MANIFEST_VERSION = 2  # 2: the ``model`` record (backend, device type, model files)
+_MODEL_FILE_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".onnx",
+    ".onnx_data",
+    ".xml",
+    ".json",
+    ".model",
+    ".txt",
+    ".py",
+)
+_FINGERPRINT_BYTES = 1 << 20
 
 
 class ResumeError(Exception):
@@ -44,6 +74,7 @@ class Manifest:
     tokens: int = 0
     seconds: float = 0.0
     input_done: bool = False
+    model: dict[str, Any] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
 
     def to_json(self) -> bytes:
@@ -70,7 +101,10 @@ class PartialRun:
         except (OSError, ValueError) as error:
             raise ResumeError(f"{self.manifest_path} is unreadable ({error}); remove {self.directory}") from None
         if data.get("version") != MANIFEST_VERSION:
-            raise ResumeError(f"{self.manifest_path} was written by another tembed version; remove {self.directory}")
+            raise ResumeError(
+                f"{self.manifest_path} was written by another tembed version and cannot be continued; "
+                f"rerun with --restart to start over"
+            )
         return Manifest(**data)
 
     def start(self, manifest: Manifest) -> None:
@@ -103,11 +137,38 @@ class PartialRun:
                 f"cannot resume: options differ from the interrupted run ({'; '.join(changed)}); "
                 f"rerun with the same options, or with --restart to start over"
             )
+        self.drop_unrecorded(manifest)
+        return manifest
+
+    def check_model(self, manifest: Manifest, model: dict[str, Any], model_path: str) -> None:
+        """Refuse to continue with another backend, device type or model files than the interrupted run's.
+
+        ``model`` is what the loaded model resolved to (see :func:`model_fingerprint`); a difference is named.
+        """
+        if manifest.model == model:
+            return
+        changed = []
+        for key in sorted(set(model) | set(manifest.model)):
+            before, after = manifest.model.get(key), model.get(key)
+            if key == "files" and before != after:
+                changed.append(f"the model's files changed ({model_path})")
+            elif before != after:
+                changed.append(f"{key} {before!r} -> {after!r}")
+        raise ResumeError(
+            f"cannot resume: the model differs from the interrupted run ({'; '.join(changed)}); "
+            f"rerun with the same model, backend and device, or with --restart to start over"
+        )
+
+    def drop_unrecorded(self, manifest: Manifest) -> None:
+        """Delete what the manifest does not name: a part written after its last update, temporary files."""
         known = set(manifest.parts) | set(manifest.reject_files) | {"manifest.json"}
         for name in os.listdir(self.directory):
             if name not in known:  # written after the last manifest update: redone from the cursor
-                os.remove(os.path.join(self.directory, name))
-        return manifest
+                path = os.path.join(self.directory, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
 
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name)
@@ -117,3 +178,110 @@ class PartialRun:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def model_fingerprint(model_path: str) -> str:
+    """A key for a model folder's files: the names, sizes, mtimes and first MiB of every weight, config and
+    tokenizer file, subfolders included (``1_Pooling/config.json`` changes the vectors too).
+
+    (``onnx_backend._fingerprint`` is a cache key for exports: it mixes in the torch and transformers versions and
+    reads the top folder only, so it is not reused here.)
+    """
+    digest = hashlib.sha256()
+    for root, folders, names in os.walk(model_path):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in sorted(names):
+            if name.startswith(".") or not name.endswith(_MODEL_FILE_SUFFIXES):
+                continue
+            path = os.path.join(root, name)
+            try:
+                stat = os.stat(path)
+                with open(path, "rb") as handle:
+                    head = handle.read(_FINGERPRINT_BYTES)
+            except OSError:  # a dangling link or an unreadable file: its name still counts
+                stat, head = None, b""
+            relative = os.path.relpath(path, model_path).replace(os.sep, "/")
+            digest.update(f"{relative}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}\n".encode())
+            digest.update(hashlib.sha256(head).digest())
+    return digest.hexdigest()[:24]
+
+
+class OutputLocked(Exception):
+    """Another run holds the lock of this output."""
+
+    def __init__(self, output: str, lock_path: str, pid: int | None) -> None:
+        holder = f"pid {pid}" if pid is not None else "pid unknown"
+        super().__init__(
+            f"{output} is being written by another tembed encode ({holder}, holding {lock_path}); "
+            f"wait for it to finish or stop it, then rerun"
+        )
+        self.pid = pid
+
+
+class OutputLock:
+    """An exclusive lock on one output for a whole run: ``OUTPUT.lock``, held with ``flock`` and holding the pid.
+
+    The kernel drops the lock when its process ends, however it ends (SIGKILL included), so a lock file left by a
+    dead run does not block the next one: only a live holder does.
+    """
+
+    def __init__(self, output: str) -> None:
+        self.output = output
+        self.path = output + ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`OutputLocked` (naming the holder's pid) at once: never waits.
+
+        OSError: the lock file cannot be created (a read-only or full file system, no permission).
+        """
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = _read_pid(fd)
+                os.close(fd)
+                raise OutputLocked(self.output, self.path, pid) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # The previous holder removes the file as it releases it: if that happened between our open and our
+            # flock, we locked a file no one else will ever open again. Lock the one at the path instead.
+            try:
+                current = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (removed first, while still held: see :meth:`acquire`)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    """The pid written in a lock file (its holder may not have written it yet: wait a little)."""
+    for _ in range(20):
+        try:
+            text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        except OSError:
+            return None
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.05)
+    return None

@@ -1,8 +1,9 @@
 """Streaming corpus readers: ``.jsonl``, ``.csv``, ``.tsv``, ``.parquet``, ``.txt`` and stdin.
 
 A reader yields, lazily and in file order, one :class:`Record` per usable text and one :class:`Rejected` per bad
-one (invalid JSON, invalid UTF-8, a missing / empty / non-string text), each with its line number (the row
-number for parquet, 1-based). Nothing is held beyond the current line / batch, so a corpus of any size streams.
+one (invalid JSON, invalid UTF-8, a missing / empty / non-string text, a lone surrogate), each with its line number
+(the row number for parquet, 1-based). Nothing is held beyond the current line / batch, so a corpus of any size
+streams.
 
 After each item, :attr:`Reader.cursor` says where the next one starts (a byte offset and line number for the
 line formats, a row index for parquet); a later reader opened with that cursor continues exactly there. This is
@@ -121,14 +122,53 @@ def _check_text(value: Any, field: str) -> str | None:
     if value is None:
         return f"field {field!r} is null"
     if not isinstance(value, str):
-        return f"field {field!r} is not a string ({type(value).__name__}: {json.dumps(value)[:40]})"
+        return f"field {field!r} is not a string ({type(value).__name__}: {_preview(value)})"
     if not value.strip():
         return f"field {field!r} is empty"
+    return _surrogate_problem(value, field)
+
+
+def _surrogate_problem(value: str, field: str) -> str | None:
+    """A lone surrogate (``"\\ud83d"``: valid as a JSON escape, not as Unicode text) cannot be encoded as UTF-8."""
+    if value.isascii():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"field {field!r} contains a lone surrogate at position {error.start}"
     return None
+
+
+def _preview(value: Any) -> str:
+    try:
+        return json.dumps(value)[:40]
+    except (TypeError, ValueError):
+        return repr(value)[:40]
+
+
+def id_string(value: Any) -> str:
+    """An id as a string: strings as they are, JSON numbers and booleans in JSON spelling (``7``, ``1.5``,
+    ``true``), anything else (a parquet date or decimal) as ``str()`` gives it."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    return str(value)
 
 
 def _utf8_problem(raw: bytes, error: UnicodeDecodeError) -> str:
     return f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
+
+
+def _decode_binary(value: Any, field: str) -> tuple[Any, str | None]:
+    """A parquet binary value decoded as UTF-8: ``(text, None)``, or ``(None, problem)`` when it is not UTF-8."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        return value, None
+    raw = bytes(value)
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as error:
+        return None, f"field {field!r} is not valid UTF-8 (byte 0x{raw[error.start]:02x} at byte {error.start + 1})"
 
 
 class Reader:
@@ -238,7 +278,17 @@ class Reader:
         identifier = record.get(self.id_field) if self.id_field else None
         if isinstance(identifier, (dict, list)):
             return Rejected(line_number, f"field {self.id_field!r} is not a string or number")
-        return Record(line_number, str(line_number) if identifier is None else str(identifier), _join(title, text))
+        return self._record(line_number, identifier, title, text)
+
+    def _record(self, line_number: int, identifier: Any, title: str | None, text: str) -> Item:
+        """A record, or Rejected when its title or id holds a lone surrogate (the text is checked already)."""
+        identifier = str(line_number) if identifier is None else id_string(identifier)
+        problem = (title and _surrogate_problem(title, self.title_field or "title")) or _surrogate_problem(
+            identifier, self.id_field or "id"
+        )
+        if problem:
+            return Rejected(line_number, problem)
+        return Record(line_number, identifier, _join(title, text))
 
     def _txt(self) -> Iterator[Item]:
         for line_number, raw in self._lines(self._open()):
@@ -325,11 +375,12 @@ class Reader:
         if len(row) <= text_at:
             return Rejected(start, f"no field {self.text_field!r} (the row has {len(row)} fields, the header {width})")
         text = row[text_at]
-        if not text.strip():
-            return Rejected(start, f"field {self.text_field!r} is empty")
+        problem = _check_text(text, self.text_field)
+        if problem:
+            return Rejected(start, problem)
         title = row[title_at] if title_at is not None and title_at < len(row) else None
         identifier = row[id_at] if id_at is not None and id_at < len(row) and row[id_at] != "" else None
-        return Record(start, str(start) if identifier is None else identifier, _join(title, text))
+        return self._record(start, identifier, title, text)
 
     # ------------------------------------------------------------------------------------------------ parquet
     def _parquet(self) -> Iterator[Item]:
@@ -359,7 +410,7 @@ class Reader:
             return
         try:
             for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=groups, columns=wanted):
-                columns = {name: batch.column(name).to_pylist() for name in wanted}
+                columns = {name: _column_values(batch.column(name)) for name in wanted}
                 for position in range(skip, batch.num_rows):
                     row += 1
                     self.cursor = {"offset": 0, "line": 0, "row": row}
@@ -369,13 +420,31 @@ class Reader:
             parquet.close()
 
     def _parquet_item(self, row: int, columns: dict[str, list[Any]], position: int) -> Item:
-        text = columns[self.text_field][position]
-        problem = _check_text(text, self.text_field)
+        text, problem = _decode_binary(columns[self.text_field][position], self.text_field)
+        problem = problem or _check_text(text, self.text_field)
         if problem:
             return Rejected(row, problem)
-        title = columns[self.title_field][position] if self.title_field in columns else None
-        identifier = columns[self.id_field][position] if self.id_field in columns else None
-        return Record(row, str(row) if identifier is None else str(identifier), _join(title, text))
+        title, identifier = None, None
+        if self.title_field in columns:
+            title, problem = _decode_binary(columns[self.title_field][position], self.title_field or "title")
+            if problem:
+                return Rejected(row, problem)
+        if self.id_field in columns:
+            identifier, problem = _decode_binary(columns[self.id_field][position], self.id_field or "id")
+            if problem:
+                return Rejected(row, problem)
+        return self._record(row, identifier, None if title is None else str(title), text)
+
+
+def _column_values(column: Any) -> list[Any]:
+    """A parquet batch column as Python values; a string column holding invalid UTF-8 comes back as bytes, so
+    that the rows at fault are rejected one by one instead of failing the whole batch."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        import pyarrow as pa
+
+        return column.cast(pa.large_binary()).to_pylist()
 
 
 def open_text_stream(data: bytes) -> BinaryIO:
