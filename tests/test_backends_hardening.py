@@ -314,6 +314,24 @@ def test_a_rebuild_that_fails_too_raises(cache, minilm_path, monkeypatch):
         Embedder(minilm_path, device="cpu", backend="openvino")
 
 
+def test_a_missing_package_or_a_full_disk_is_not_blamed_on_the_cache(cache, minilm_path, monkeypatch):
+    """Only an unreadable export is rebuilt: an ImportError (nncf missing) or a file-system error passes through,
+    and the valid export stays."""
+    exports = _count_exports(monkeypatch)
+    monkeypatch.setitem(sys.modules, "nncf", None)
+    with pytest.raises(ImportError):
+        Embedder(minilm_path, device="cpu", backend="openvino", precision="int8")
+    monkeypatch.delitem(sys.modules, "nncf")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx_backend, "_quantize_int8", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        Embedder(minilm_path, device="cpu", backend="onnx", precision="int8")
+    assert exports == [] and os.path.isfile(os.path.join(cache, "model.onnx"))
+
+
 # ------------------------------------------------------------------------------- item 16: staging folders/files
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])

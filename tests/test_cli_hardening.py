@@ -448,3 +448,29 @@ def test_directory_as_input(loads, minilm_path, tmp_path, name):
     result = invoke(str(folder), "-o", str(tmp_path / "out.parquet"), "-m", minilm_path)
     assert result.exit_code == 2
     assert result.stderr == f"error: {folder}: is a directory, not a file\n"
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(loads, minilm_path, rows, tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    source = write_jsonl(tmp_path / "in.jsonl", rows[:5])
+    output = str(tmp_path / "out.parquet")
+    with pytest.warns(RuntimeWarning, match="does not support locks"):
+        encode_ok(source, "-o", output, "-m", minilm_path)
+    assert read_parquet(output)[0] == [identifier for identifier, _ in rows[:5]]
+
+
+def test_model_fingerprint_ignores_an_output_written_inside_the_model_folder(minilm_path, tmp_path):
+    from tembed.io.checkpoint import model_fingerprint
+
+    folder = str(tmp_path / "model")
+    shutil.copytree(minilm_path, folder)
+    before = model_fingerprint(folder)
+    os.makedirs(os.path.join(folder, "emb.parquet.partial"))
+    with open(os.path.join(folder, "emb.parquet.partial", "manifest.json"), "w", encoding="utf-8") as handle:
+        handle.write("{}")
+    assert model_fingerprint(folder) == before

@@ -446,3 +446,38 @@ def test_sigkilled_pool_parent_leaves_no_leaked_semaphore_warning(minilm_path, t
             os.killpg(process.pid, signal.SIGKILL)
     assert "leaked semaphore" not in stderr, stderr
     assert "resource_tracker" not in stderr, stderr
+
+
+def test_skip_invalid_does_not_reject_every_record_when_encoding_fails_whatever_the_texts(
+    shared_models, minilm_path, tmp_path, monkeypatch
+):
+    """A failure that is not about the texts (a broken device, a closed model) stops the run even with
+    --skip-invalid, rather than turning every record into a reject and exiting 0."""
+    key = (minilm_path, ("dense",))
+    embedder = cli._open_embedder(
+        minilm_path,
+        device=None,
+        precision="auto",
+        batch_size=None,
+        outputs=("dense",),
+        show_progress_bar=False,
+        backend="auto",
+    )
+    assert shared_models[key] is embedder
+    real, calls = embedder.encode_corpus, []
+
+    def encode_corpus(texts, **kwargs):
+        calls.append(len(texts))
+        if len(calls) > 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(texts, **kwargs)
+
+    monkeypatch.setattr(embedder, "encode_corpus", encode_corpus)
+    texts = sts_b_sentences("dev")[:300]
+    source = write_jsonl(tmp_path / "c.jsonl", [json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(texts)])
+    output = str(tmp_path / "out.parquet")
+    stopped = invoke(source, "-o", output, "-m", minilm_path, "--chunk-size", "100", "--skip-invalid")
+    assert stopped.exit_code == 1, stopped.stderr
+    assert stopped.stderr.startswith(f"error: {source} lines 101-200: encoding failed: RuntimeError: CUDA error")
+    assert "the 100 records before are kept" in stopped.stderr
+    assert len(calls) < 30  # it gave up after two single texts failed like the chunk, not after 200

@@ -165,3 +165,45 @@ def test_a_lone_surrogate_is_named_with_its_position(minilm):
     with pytest.raises(ValueError, match="lone surrogate at position 2"):
         minilm.encode("ok\ud800")
     assert minilm.encode(["emoji 🙂 and accents é are fine"]).shape == (1, 384)
+
+
+def test_own_code_for_a_model_type_transformers_knows_is_refused_unless_the_user_chooses(tmp_path, minilm_path):
+    """gte-Qwen2 is a ``qwen2`` with its own attention code: quietly loading the built-in class would give other
+    vectors than the checkpoint's code. The user chooses: True runs the code, an explicit False the built-in class."""
+    marker = str(tmp_path / "code-ran.txt")
+    folder = _remote_code_checkpoint(str(tmp_path / "my-copy"), minilm_path, marker)
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    config["model_type"] = "bert"  # known to transformers
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+    with pytest.raises(ModelFilesError, match="trust_remote_code=False to load it with transformers' built-in 'bert'"):
+        Embedder(folder, device="cpu", backend="torch")
+    with Embedder(folder, device="cpu", backend="torch", trust_remote_code=False) as builtin:
+        assert builtin.encode("a text").shape == (384,)
+    assert not os.path.exists(marker)
+
+
+def test_the_command_line_has_trust_remote_code(tmp_path, minilm_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tembed.cli import app
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    marker = str(tmp_path / "code-ran.txt")
+    folder = _remote_code_checkpoint(str(tmp_path / REMOTE_ENTRY.name), minilm_path, marker)
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "a text"}\n', encoding="utf-8")
+    args = ["encode", str(source), "-o", str(tmp_path / "out.parquet"), "-m", folder, "--backend", "torch"]
+    refused = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert refused.exit_code == 2 and "--trust-remote-code" in refused.output
+    assert not os.path.exists(marker)
+    CliRunner().invoke(app, [*args, "--device", "cpu", "--trust-remote-code"])
+    assert os.path.exists(marker)  # the flag reaches the loader
+
+
+def test_a_tokenizer_can_be_pickled(minilm):
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(minilm.tokenizer))
+    assert copy.encode(["a text"], 16) == minilm.tokenizer.encode(["a text"], 16)

@@ -98,3 +98,23 @@ def test_threads_with_different_max_lengths_truncate_their_own_texts(minilm_path
 
         with ThreadPoolExecutor(THREADS) as executor:
             assert all(executor.map(worker, range(THREADS)))
+
+
+def test_threads_sharing_a_flag_icl_model(minilm_path):
+    """FlagICLModel counts tokens without truncation between the truncated encodes of other threads."""
+    from tembed.compat.flagembedding import FlagICLModel
+
+    model = FlagICLModel(minilm_path, devices="cpu", query_instruction_for_retrieval="Find the answer.")
+    queries = [[text] for text in insuranceqa_answers()[:24]]
+    lengths = [(64, 128)[i % 2] for i in range(len(queries))]
+    sequential = [model.encode_queries(q, max_length=n) for q, n in zip(queries, lengths, strict=True)]
+    barrier = threading.Barrier(6)
+
+    def worker(thread: int) -> list[tuple[int, np.ndarray]]:
+        barrier.wait()
+        return [(i, model.encode_queries(queries[i], max_length=lengths[i])) for i in range(thread, len(queries), 6)]
+
+    with ThreadPoolExecutor(6) as executor:
+        threaded = dict(pair for part in executor.map(worker, range(6)) for pair in part)
+    for index, expected in enumerate(sequential):
+        np.testing.assert_allclose(threaded[index], expected, atol=1e-5, err_msg=f"query {index}")

@@ -22,6 +22,11 @@ import typer
 
 from tembed.models.registry import DEFAULT_MODEL, list_models
 
+TRUST_REMOTE_CODE_HELP = (
+    "Run the checkpoint's own Python code (auto_map in config.json). Off by default; the registry turns it on only "
+    "for the exact hub ids that need it."
+)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Text embeddings: dense, sparse and ColBERT.")
 
 
@@ -40,11 +45,14 @@ def models_command() -> None:
 
 
 @app.command("info")
-def info_command(model: str = typer.Argument(DEFAULT_MODEL, help="Folder, registry name or hub id.")) -> None:
+def info_command(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Folder, registry name or hub id."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+) -> None:
     """Show how a model resolves: files, family, pooling, instructions, dimension and max length."""
     from tembed import Embedder
 
-    with Embedder(model, device="cpu") as embedder:
+    with Embedder(model, device="cpu", trust_remote_code=trust_remote_code or None) as embedder:
         spec = embedder.spec
         info = {
             "model": model,
@@ -76,11 +84,12 @@ def embed_command(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Folder, registry name or hub id."),
     kind: str = typer.Option("plain", "--kind", help="query, passage or plain."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps (default: auto)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Embed a few texts and print one JSON array per line."""
     from tembed import Embedder
 
-    with Embedder(model, device=device) as embedder:
+    with Embedder(model, device=device, trust_remote_code=trust_remote_code or None) as embedder:
         method = {"query": embedder.encode_queries, "passage": embedder.encode_corpus, "plain": embedder.encode}
         if kind not in method:
             raise typer.BadParameter(f"--kind must be query, passage or plain, got {kind!r}")
@@ -188,6 +197,7 @@ def encode_command(
     unique_ids: bool = typer.Option(
         False, "--unique-ids", help="A record whose id an earlier record has is a bad record (default: counted only)."
     ),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
     """Embed a corpus file to parquet or npy: streamed, checkpointed per chunk, resumable with --resume."""
@@ -232,6 +242,7 @@ def _encode(
     skip_invalid: bool,
     quiet: bool,
     held: contextlib.ExitStack,
+    trust_remote_code: bool = False,
     unique_ids: bool = False,
 ) -> None:
     from tembed.io import InputError, Manifest, PartialRun, Reader, ResumeError, fingerprint, output_format
@@ -293,6 +304,7 @@ def _encode(
         "outputs": list(outputs),
         "max_length": max_length,
         "precision": precision,
+        "trust_remote_code": bool(trust_remote_code),
     }
     manifest = None
     try:
@@ -317,6 +329,7 @@ def _encode(
             outputs=outputs,
             show_progress_bar=False,
             backend=backend,
+            trust_remote_code=trust_remote_code or None,  # unset: the registry decides
         )
     except Exception as error:  # any loader failure (a failed ONNX export too) in one line; not KeyboardInterrupt
         raise _Stop(f"cannot load {model}: {_one_line(error)}", 2) from None
@@ -553,7 +566,10 @@ def _run(
                         if not skip_invalid:
                             _stop_on_encode_error(reader.name, records, error, partial, manifest, output, rejects_path)
                         # --skip-invalid: encode by halves down to the texts that fail; reject only those
-                        records, result, failures = _encode_by_halves(encode, records, token_limit, outputs, error)
+                        try:
+                            records, result, failures = _encode_by_halves(encode, records, token_limit, outputs, error)
+                        except _NotTheTexts:
+                            _stop_on_encode_error(reader.name, records, error, partial, manifest, output, rejects_path)
                         failed = [Rejected(r.line_number, f"encoding failed: {_error_text(e)}") for r, e in failures]
                         rejects = sorted(rejects + failed, key=lambda item: item.line_number)
                 if records:
@@ -664,6 +680,14 @@ def _error_text(error: BaseException) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
+class _NotTheTexts(Exception):
+    """Encoding fails whatever the texts: the run must stop, not reject every record."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _encode_by_halves(
     encode: Any, records: list[Any], max_length: int, outputs: tuple[str, ...], error: BaseException
 ) -> tuple[list[Any], Any, list[tuple[Any, BaseException]]]:
@@ -674,6 +698,7 @@ def _encode_by_halves(
     """
     from tembed.outputs import EncodeOutputs
 
+    chunk_error = error
     done: list[Any] = []
     results: list[Any] = []
     failures: list[tuple[Any, BaseException]] = []
@@ -688,6 +713,10 @@ def _encode_by_halves(
                 known_error = error
         if len(part) == 1:
             failures.append((part[0], known_error))
+            if not done and len(failures) == 2 and all(_error_text(e) == _error_text(chunk_error) for _, e in failures):
+                # Two texts fail alone as the whole chunk did, and none succeeded: the fault is not in the texts
+                # (a broken device, a closed model). Rejecting every record would hide it.
+                raise _NotTheTexts(chunk_error)
             return
         middle = len(part) // 2
         attempt(part[:middle])
@@ -707,6 +736,9 @@ def _stop_on_encode_error(
     _stop_on_bad_record(name, records[0], partial, manifest, output, rejects_path, head=head)
 
 
+_SPECIAL_TOKENS_BOUND = 4  # CLS / SEP / BOS / EOS a tokenizer adds around a text
+
+
 def _output_weigher(
     embedder: Any,
     outputs: tuple[str, ...],
@@ -715,8 +747,12 @@ def _output_weigher(
     instruction_format: str | None,
     token_limit: int,
 ) -> Any:
-    """With --colbert or --sparse: a function giving a record's estimated output bytes (its tokens, counted with
-    the model's tokenizer, times the bytes per token), for :func:`_chunks`; None for dense only (a fixed size)."""
+    """With --colbert or --sparse: a function giving a bound on a record's output bytes (its tokens times the bytes
+    per token), for :func:`_chunks`; None for dense only (a fixed size).
+
+    A text has at most as many tokens as its UTF-8 bytes (a byte-level tokenizer's worst case) plus the special
+    tokens, and never more than the max length: that bound costs no tokenizer pass over the corpus (the encode
+    step tokenizes each text once), at the price of chunks smaller than the budget for most text."""
     if "colbert" not in outputs and "sparse" not in outputs:
         return None
     from tembed.text import apply_instruction
@@ -728,8 +764,8 @@ def _output_weigher(
 
     def weigh(record: Any) -> int:
         try:
-            prepared = apply_instruction([record.text], instruction, instruction_format)
-            tokens = len(embedder.tokenizer.encode(prepared, token_limit)[0])
+            prepared = apply_instruction([record.text], instruction, instruction_format)[0]
+            tokens = min(token_limit, len(prepared.encode("utf-8", "surrogatepass")) + _SPECIAL_TOKENS_BOUND)
         except Exception:  # the encode step reports it; count the most a text can take
             tokens = token_limit
         return fixed + tokens * per_token

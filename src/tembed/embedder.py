@@ -127,7 +127,7 @@ class Embedder:
         spec = self.resolved.spec
         self.spec: ModelSpec = spec
         remote = self.resolved.trust_remote_code if trust_remote_code is None else trust_remote_code
-        check_model_folder(self.resolved.path, trust_remote_code=remote)
+        check_model_folder(self.resolved.path, trust_remote_code=remote, explicit=trust_remote_code is not None)
         devices = _several_devices(device)
         if devices is not None:
             self._start_pool(

@@ -36,6 +36,20 @@ class TextTokenizer:
         self.padding_side = self.hf.padding_side
         self.returns_token_type_ids = "token_type_ids" in self.hf.model_input_names
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_lock"]  # a lock cannot be pickled: a copy gets its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def count(self, text: str) -> int:
+        """The number of tokens of ``text`` without special tokens and without truncation."""
+        with self._lock:  # an untruncated call resets the shared truncation setting too
+            return len(self.hf(text, add_special_tokens=False, truncation=False)["input_ids"])
+
     def special_ids_without_weight(self) -> set[int]:
         """Token ids that never get a sparse weight: CLS, EOS, PAD and UNK, as BGE-M3 does."""
         ids = (self.hf.cls_token_id, self.hf.eos_token_id, self.hf.pad_token_id, self.hf.unk_token_id)

@@ -369,14 +369,14 @@ class _OnnxBackendBase:
         self.input_names: list[str] = _read_export_info(os.path.dirname(self.onnx_path))["inputs"]
 
     def _load(self, open_export: Callable[[str], _T]) -> _T:
-        """``open_export(self.onnx_path)``. If that fails, the cached export (or a file derived from it) is taken
-        for unreadable: its folder is removed, the model exported again and opened once more, with a warning; a
-        second failure raises."""
+        """``open_export(self.onnx_path)``. If that fails (other than for a missing package or a file-system error),
+        the cached export (or a file derived from it) is taken for unreadable: its folder is removed, the model
+        exported again and opened once more, with a warning; a second failure raises."""
         try:
             return open_export(self.onnx_path)
-        except MemoryError:
-            raise
         except Exception as error:
+            if isinstance(error, ImportError) or (isinstance(error, OSError) and error.errno is not None):
+                raise  # not the cache's fault (a missing package, a full disk, a permission): a rebuild cannot help
             folder = os.path.dirname(self.onnx_path)
             broken = _unreadable(folder, error)
         shutil.rmtree(folder, ignore_errors=True)

@@ -71,7 +71,7 @@ class _FlagFacade:
         query_instruction_format: str | None = None,
         devices: str | int | Sequence[str | int] | None = None,
         pooling_method: str | None = None,
-        trust_remote_code: bool = False,
+        trust_remote_code: bool | None = False,
         cache_dir: str | None = None,
         batch_size: int = 256,
         query_max_length: int = 512,
@@ -372,15 +372,11 @@ class FlagICLModel(FlagLLMModel):
         items, single = check_texts(queries, what="queries")
         max_length = max_length or self.query_max_length
         texts = apply_instruction(items, self.query_instruction_for_retrieval, self.query_instruction_format)
-        hf = self.tokenizer
-
-        def count(text: str) -> int:
-            return len(hf(text, add_special_tokens=False)["input_ids"])
-
+        count = self.embedder.tokenizer.count  # shares the tokenizer's lock with every other encode call
         budget = max_length - count("<s>") - count(f"{self.suffix}</s>")
         prompt_length = (count(self.prefix) + count(self.suffix) + max_length + 8) // 8 * 8 + 8
         truncated = self.embedder.tokenizer.encode(texts, budget, add_special_tokens=False)
-        prompts = [self.prefix + text + self.suffix for text in hf.batch_decode(truncated)]
+        prompts = [self.prefix + text + self.suffix for text in self.tokenizer.batch_decode(truncated)]
         result = self._run(
             prompts,
             batch_size=batch_size,
@@ -452,8 +448,8 @@ class FlagAutoModel:
                 logger.info("%s is not in the registry; using its own files: %s", model_name_or_path, spec)
             target = BGEM3FlagModel if spec.kind == "m3" else _CLASS_BY_KIND[spec.kind]
             pooling_method = pooling_method or spec.pooling
-            if trust_remote_code is None:  # the registry vouches for its exact hub ids only, never a look-alike
-                trust_remote_code = registry_vouches_for_code(model_name_or_path)
+            if trust_remote_code is None and registry_vouches_for_code(model_name_or_path):
+                trust_remote_code = True  # the registry vouches for its exact hub ids only, never a look-alike
             query_instruction_format = query_instruction_format or spec.query_instruction_format
         return target(
             model_name_or_path,

@@ -52,7 +52,7 @@ class BGEM3FlagModel(_FlagFacade):
         query_instruction_format: str = "{}{}",
         devices: str | int | Sequence[str | int] | None = None,
         pooling_method: str = "cls",
-        trust_remote_code: bool = False,
+        trust_remote_code: bool | None = False,
         cache_dir: str | None = None,
         colbert_dim: int = -1,
         batch_size: int = 256,

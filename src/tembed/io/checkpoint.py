@@ -24,11 +24,13 @@ output is refused instead of deleting or interleaving the first one's parts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,10 @@ try:
 except ImportError:  # Windows: no advisory locks; the lock file only records the pid
     fcntl = None  # type: ignore[assignment]
 
+# flock's errors on file systems that have no advisory locks.
+_NO_LOCKING = frozenset(
+    code for code in (errno.ENOLCK, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", None), errno.ENOSYS) if code
+)
 MANIFEST_VERSION = 2  # 2: the ``model`` record (backend, device type, model files)
 _MODEL_FILE_SUFFIXES = (
     ".safetensors",
@@ -189,7 +195,9 @@ def model_fingerprint(model_path: str) -> str:
     """
     digest = hashlib.sha256()
     for root, folders, names in os.walk(model_path):
-        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        # Hidden folders and unfinished outputs (OUTPUT.partial, when the output is written inside the model's
+        # folder) are not the model.
+        folders[:] = sorted(name for name in folders if not name.startswith(".") and not name.endswith(".partial"))
         for name in sorted(names):
             if name.startswith(".") or not name.endswith(_MODEL_FILE_SUFFIXES):
                 continue
@@ -244,6 +252,17 @@ class OutputLock:
                 pid = _read_pid(fd)
                 os.close(fd)
                 raise OutputLocked(self.output, self.path, pid) from None
+            except OSError as error:
+                if error.errno not in _NO_LOCKING:
+                    os.close(fd)
+                    raise
+                # A file system without advisory locks (NFS without lockd): run unlocked, as before locks existed.
+                warnings.warn(
+                    f"{self.path}: this file system does not support locks ({error.strerror}); another tembed "
+                    f"encode writing {self.output} at the same time would not be stopped",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             except BaseException:
                 os.close(fd)
                 raise

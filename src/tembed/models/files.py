@@ -1,8 +1,8 @@
 """Checks of a model folder before anything is loaded from it, each naming the folder or file at fault.
 
 * :func:`read_json_file`: a JSON file, with the file named when it is not valid JSON;
-* :func:`check_remote_code`: a checkpoint that needs its own Python code (``auto_map`` with a model type
-  transformers does not know) is refused unless the code is trusted;
+* :func:`check_remote_code`: a checkpoint that ships its own model code (``auto_map``) is refused unless the code
+  is trusted (or, for a model type transformers knows, the user explicitly chose its built-in class);
 * :func:`check_tokenizer_files`: the folder has tokenizer files (never encode with an empty vocabulary);
 * :func:`check_tokenizer_size`: the tokenizer is not far smaller than the model's vocabulary;
 * :func:`check_safetensors`: every ``*.safetensors`` file is complete (a truncated download fails here, named).
@@ -52,44 +52,60 @@ def _known_model_types() -> set[str]:
     return set(CONFIG_MAPPING_NAMES)
 
 
-def needs_remote_code(folder: str) -> dict[str, str] | None:
-    """The ``auto_map`` of a checkpoint whose model type transformers does not know (so only the checkpoint's own
-    code can load it), else None."""
-    config = read_json_file(os.path.join(folder, "config.json"))
-    auto_map = config.get("auto_map") if isinstance(config, dict) else None
-    if not auto_map or config.get("model_type") in _known_model_types():
-        return None
-    return dict(auto_map)
-
-
-def check_model_folder(folder: str, *, trust_remote_code: bool) -> None:
-    """The checks to run before loading anything from ``folder``: remote code, tokenizer files, safetensors."""
-    check_remote_code(folder, trusted=trust_remote_code)
+def check_model_folder(folder: str, *, trust_remote_code: bool, explicit: bool = False) -> None:
+    """The checks to run before loading anything from ``folder``: remote code (see :func:`check_remote_code`),
+    tokenizer files, safetensors."""
+    check_remote_code(folder, trusted=trust_remote_code, explicit=explicit)
     check_tokenizer_files(folder)
     check_safetensors(folder)
 
 
-def check_remote_code(folder: str, *, trusted: bool) -> None:
-    """Refuse a checkpoint that needs its own code unless ``trusted`` (the user's ``trust_remote_code=True``).
+_MODEL_LOADERS = ("AutoModel", "AutoModelForMaskedLM")
+
+
+def check_remote_code(folder: str, *, trusted: bool, explicit: bool = False) -> None:
+    """Refuse a checkpoint that ships its own model code unless ``trusted`` (the user's ``trust_remote_code=True``,
+    or the registry vouching for the exact hub id).
+
+    A checkpoint whose ``config.json`` ``auto_map`` names code for its model is refused when transformers does not
+    know its ``model_type`` (only that code can load it), and also when it does (gte-Qwen2 is a ``qwen2`` with its
+    own attention) unless the user said ``trust_remote_code=False`` explicitly (``explicit``): loading the built-in
+    class quietly would give other vectors than the checkpoint's code.
 
     Raises:
         ModelFilesError: naming the folder and the code it would run.
     """
     if trusted:
         return
-    auto_map = needs_remote_code(folder)
-    if auto_map is not None:
-        modules = sorted({str(target).split(".")[0] + ".py" for target in auto_map.values()})
-        raise ModelFilesError(
-            f"the model in {folder} needs its own Python code ({', '.join(modules)}, listed in config.json's "
-            "auto_map), which tembed runs only with trust_remote_code=True: pass it if you trust this checkpoint "
-            "(the registry vouches only for the exact hub ids it lists)"
+    config = read_json_file(os.path.join(folder, "config.json"))
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not isinstance(auto_map, dict) or not auto_map:
+        return
+    known = config.get("model_type") in _known_model_types()
+    if known and (explicit or not any(loader in auto_map for loader in _MODEL_LOADERS)):
+        return
+    modules = sorted({str(target).split("--")[-1].split(".")[0] + ".py" for target in auto_map.values()})
+    message = (
+        f"the model in {folder} ships its own Python code ({', '.join(modules)}, listed in config.json's auto_map), "
+        "which tembed runs only with trust_remote_code=True (--trust-remote-code on the command line): pass it if "
+        "you trust this checkpoint (the registry vouches only for the exact hub ids it lists)"
+    )
+    if known:
+        message += (
+            f", or trust_remote_code=False to load it with transformers' built-in {config['model_type']!r} class "
+            "instead (its vectors may differ from what the checkpoint's code computes)"
         )
+    raise ModelFilesError(message)
 
 
 def check_tokenizer_files(folder: str) -> None:
     """Raise ModelFilesError when ``folder`` holds none of :data:`TOKENIZER_FILES`."""
-    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+    names = os.listdir(folder)
+    # tokenizer_config.json alone may describe a tokenizer without a vocabulary file (ByT5, CANINE) or a tiktoken
+    # one: check_tokenizer_size then catches one that loads nearly empty.
+    if not any(
+        name in TOKENIZER_FILES or name == "tokenizer_config.json" or name.endswith(".tiktoken") for name in names
+    ):
         raise ModelFilesError(
             f"the model folder {folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): copy the "
             "tokenizer files of the checkpoint into it"
@@ -118,8 +134,8 @@ def check_safetensors(folder: str) -> None:
         if not name.endswith(".safetensors"):
             continue
         path = os.path.join(folder, name)
-        size = os.path.getsize(path)
         try:
+            size = os.path.getsize(path)
             with open(path, "rb") as handle:
                 (header_length,) = struct.unpack("<Q", handle.read(8))
                 if header_length > size - 8:
@@ -128,6 +144,8 @@ def check_safetensors(folder: str) -> None:
             end = max(
                 (int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"), default=0
             )
+        except OSError as error:  # e.g. a hub-cache link whose blob is missing
+            raise ModelFilesError(f"{path} cannot be read ({error.strerror or error})") from None
         except (struct.error, ValueError, KeyError, TypeError, IndexError) as error:
             raise ModelFilesError(
                 f"{path} is not a readable safetensors file ({error or type(error).__name__}): the file is corrupt "
