@@ -73,10 +73,8 @@ def test_lone_surrogate_is_a_bad_record(shared_models, minilm, minilm_path, tmp_
 
 
 # ------------------------------------------------------------------------------------------- encode failures
-@pytest.fixture
-def failing_marker(shared_models, minilm_path, monkeypatch):
-    """The shared MiniLM's encode_corpus raises for any batch holding a text with MARKER in it."""
-    key = (minilm_path, ("dense",))
+def _shared_minilm(shared_models, minilm_path):
+    """The MiniLM Embedder that every run of this module shares (as test_cli_encode.py loads it)."""
     embedder = cli._open_embedder(
         minilm_path,
         device=None,
@@ -86,7 +84,14 @@ def failing_marker(shared_models, minilm_path, monkeypatch):
         show_progress_bar=False,
         backend="auto",
     )
-    assert shared_models[key] is embedder
+    assert shared_models[(minilm_path, ("dense",))] is embedder
+    return embedder
+
+
+@pytest.fixture
+def failing_marker(shared_models, minilm_path, monkeypatch):
+    """The shared MiniLM's encode_corpus raises for any batch holding a text with MARKER in it."""
+    embedder = _shared_minilm(shared_models, minilm_path)
     real = embedder.encode_corpus
     calls = []
 
@@ -453,17 +458,7 @@ def test_skip_invalid_does_not_reject_every_record_when_encoding_fails_whatever_
 ):
     """A failure that is not about the texts (a broken device, a closed model) stops the run even with
     --skip-invalid, rather than turning every record into a reject and exiting 0."""
-    key = (minilm_path, ("dense",))
-    embedder = cli._open_embedder(
-        minilm_path,
-        device=None,
-        precision="auto",
-        batch_size=None,
-        outputs=("dense",),
-        show_progress_bar=False,
-        backend="auto",
-    )
-    assert shared_models[key] is embedder
+    embedder = _shared_minilm(shared_models, minilm_path)
     real, calls = embedder.encode_corpus, []
 
     def encode_corpus(texts, **kwargs):
