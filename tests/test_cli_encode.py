@@ -308,6 +308,21 @@ def test_parquet_input_bad_rows_and_missing_column(shared_models, minilm_path, t
 
 
 # ----------------------------------------------------------------------------------------------- resume
+def interrupt_at_part(patch, number: int) -> None:
+    """Make the ``number``-th part write raise KeyboardInterrupt (as Ctrl-C would), the earlier ones succeed."""
+    from tembed.io import writers
+
+    real, calls = writers.write_part, []
+
+    def write_part(path, table):
+        calls.append(path)
+        if len(calls) >= number:
+            raise KeyboardInterrupt
+        real(path, table)
+
+    patch.setattr(writers, "write_part", write_part)
+
+
 def test_interrupt_then_resume_equals_uninterrupted(shared_models, minilm_path, corpus, expected, tmp_path):
     from tembed.io import writers
 

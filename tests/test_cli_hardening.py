@@ -24,6 +24,7 @@ import torch
 from typer.testing import CliRunner
 
 from tembed import cli
+from test_cli_encode import interrupt_at_part
 
 from realdata import sts_b_sentences
 
@@ -100,21 +101,6 @@ def read_parquet(path: str) -> tuple[list[str], np.ndarray]:
 def leftovers(output: str) -> list[str]:
     folder = os.path.dirname(output)
     return sorted(name for name in os.listdir(folder) if name.startswith(os.path.basename(output)))
-
-
-def interrupt_at_part(patch, number: int) -> None:
-    """Make the ``number``-th part write raise KeyboardInterrupt (as Ctrl-C would), the earlier ones succeed."""
-    from tembed.io import writers
-
-    real, calls = writers.write_part, []
-
-    def write_part(path, table):
-        calls.append(path)
-        if len(calls) >= number:
-            raise KeyboardInterrupt
-        real(path, table)
-
-    patch.setattr(writers, "write_part", write_part)
 
 
 def uninterrupted(tmp_path, source: str, *args: str) -> np.ndarray:

@@ -20,7 +20,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from tembed import cli
-from test_cli_encode import MAX_LENGTH, corpus, encode_ok, expected, invoke, leftovers, read_output, shared_models
+from test_cli_encode import (
+    MAX_LENGTH,
+    corpus,
+    encode_ok,
+    expected,
+    interrupt_at_part,
+    invoke,
+    leftovers,
+    read_output,
+    shared_models,
+)
 
 from realdata import sts_b_sentences
 
@@ -259,21 +269,12 @@ def test_unique_ids_stops_or_rejects(shared_models, minilm_path, tmp_path):
 
 
 def test_unique_ids_across_a_resume(shared_models, minilm_path, tmp_path):
-    from tembed.io import writers
 
     source = _duplicate_input(tmp_path)
     output = str(tmp_path / "out.parquet")
     args = [source, "-o", output, "-m", minilm_path, "--chunk-size", "2", "--unique-ids", "--skip-invalid"]
-    real, calls = writers.write_part, []
-
-    def write_part_then_interrupt(path, table):
-        calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        real(path, table)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(writers, "write_part", write_part_then_interrupt)
+        interrupt_at_part(patch, 2)
         assert invoke(*args).exit_code == 130  # lines 1-2 written; the earlier lines are read back on resume
     encode_ok(*args, "--resume")
     assert read_output(output)[0] == ["a", "b", "c", "d"]
@@ -312,7 +313,6 @@ def test_id_hashes_count_and_lines_match_a_set():
 
 # ------------------------------------------------------------------------------------------- ColBERT memory
 def test_colbert_chunks_are_bounded_by_output_bytes(shared_models, tiny_m3_path, corpus, tmp_path, monkeypatch):
-    from tembed.io import writers
 
     rows = corpus[:40]
     source = write_jsonl(tmp_path / "m3.jsonl", [json.dumps({"id": i, "text": t}) for i, t in rows])
@@ -335,17 +335,9 @@ def test_colbert_chunks_are_bounded_by_output_bytes(shared_models, tiny_m3_path,
     assert_same_output(bounded, unbounded)
 
     # Interrupted after two chunks and resumed: the same file (the cursor points after the last written record).
-    real, calls = writers.write_part, []
-
-    def write_part_then_interrupt(path, table):
-        calls.append(path)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        real(path, table)
-
     resumed = str(tmp_path / "resumed.parquet")
     with monkeypatch.context() as patch:
-        patch.setattr(writers, "write_part", write_part_then_interrupt)
+        interrupt_at_part(patch, 3)
         assert invoke(source, "-o", resumed, *common).exit_code == 130
     encode_ok(source, "-o", resumed, *common, "--resume")
     assert_same_output(resumed, unbounded)
