@@ -205,14 +205,19 @@ def test_other_errors_are_not_treated_as_oom(minilm_path, monkeypatch):
         assert len(calls) == 1  # no retry, no shrinking
 
 
-def test_progress_bar_on_long_inputs_and_switchable(minilm_path, capsys):
-    texts = sts_b_sentences("train")[:1100]
-    with Embedder(minilm_path, device="cpu") as embedder:
-        embedder.encode(texts)
-        assert "Encoding" in capsys.readouterr().err
-        embedder.encode(texts[:50])
-        assert "Encoding" not in capsys.readouterr().err
-    with Embedder(minilm_path, device="cpu", show_progress_bar=False) as quiet:
+def test_progress_bar_on_long_inputs_on_a_terminal_and_switchable(minilm, minilm_path, capsys, monkeypatch):
+    from tembed import progress
+
+    monkeypatch.setattr(progress, "PROGRESS_BAR_MIN_TEXTS", 40)  # a "long" input, without encoding 1,024 texts
+    texts = sts_b_sentences("train")[:60]
+    minilm.encode(texts)
+    assert "Encoding" not in capsys.readouterr().err  # stderr is not a terminal here: logs stay clean
+    monkeypatch.setattr(progress, "stderr_is_terminal", lambda: True)
+    minilm.encode(texts)
+    assert "Encoding" in capsys.readouterr().err
+    minilm.encode(texts[:20])
+    assert "Encoding" not in capsys.readouterr().err
+    with Embedder(minilm_path, device="cpu", show_progress_bar=False, backend="torch") as quiet:
         quiet.encode(texts)
         assert "Encoding" not in capsys.readouterr().err
 

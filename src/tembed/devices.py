@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-Precision = Literal["auto", "fp32", "fp16", "bf16", "int8"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16", "int8")
-DeviceLike = str | int | torch.device | None
+from tembed.types import PRECISIONS, DeviceLike
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -59,7 +55,7 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
-    if precision == "int8":  # int8 weights, float32 activations and outputs (ONNX Runtime)
+    if precision == "int8":  # int8 weights, float32 activations and outputs (OpenVINO / ONNX Runtime)
         return torch.float32
     return _DTYPES[precision]
 

@@ -1,43 +1,30 @@
-"""``Embedder``: the public entry point that wires the pipeline together for one model on one device."""
+"""``Embedder``: the friendly API (encode, encode_queries, encode_corpus, compute_score) over any Encoder."""
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any, Literal
 
-import numpy as np
-import torch
-
-from tembed.backends import choose_backend, create_backend
-from tembed.devices import DeviceLike, resolve_device, resolve_dtype
-from tembed.heads import M3Heads
-from tembed.models.files import check_model_folder, check_tokenizer_size, read_json_file
-from tembed.models.registry import DEFAULT_MODEL, POOLING_METHODS, ModelSpec
+from tembed.encoder import Encoder, open_encoder
+from tembed.models.registry import DEFAULT_MODEL, ModelSpec
 from tembed.models.resolve import ResolvedModel, resolve_model
-from tembed.outputs import EncodeOutputs
-from tembed.pipeline import EncodePipeline, HeadConfig
-from tembed.text import apply_instruction, check_instruction_format, check_texts
+from tembed.outputs import EncodeOutputs, TextOutputs
+from tembed.settings import EmbedderConfig, EncodeOptions, Settings, clamp_max_length
+from tembed.text import check_texts
 from tembed.tokenize import TextTokenizer
-
-logger = logging.getLogger(__name__)
+from tembed.types import DeviceLike, Role
 
 ConvertTo = Literal["numpy", "torch"]
-DEFAULT_MAX_LENGTH = 512
-# Measured on a 2-core Zen 4 CPU (shared/reference/cpu-speed-measurements.md): batches of ~4k padded tokens
-# beat larger ones by 20-55% because they stay in cache. GPUs get no budget unless asked.
-DEFAULT_CPU_MAX_BATCH_TOKENS = 4096
-# On the CPU, batches of at most 64 texts: 256 short texts (3.5k tokens) ran 4-8% slower on OpenVINO than 64 in
-# `make bench` (activations fall out of cache; docs/cpu-performance.md). GPUs want big batches.
-DEFAULT_CPU_BATCH_SIZE = 64
-DEFAULT_GPU_BATCH_SIZE = 256
-_ROBERTA_LIKE = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text"}
 
 
 class Embedder:
-    """Turns text into embeddings with one model on one device.
+    """Turns text into embeddings with one model, on one device or several: the friendly API.
+
+    A thin layer over an :class:`~tembed.encoder.Encoder` (:attr:`encoder`): one device gives a
+    :class:`~tembed.local_encoder.LocalEncoder`, several a :class:`~tembed.pool.EmbedderPool`. Both behave the
+    same and expose the same attributes here; every attribute reads the effective :attr:`settings_`.
 
     Args:
         model: a local folder, a registry name (``"bge-small-en-v1.5"``) or a Hugging Face id
@@ -46,11 +33,12 @@ class Embedder:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, an int, or None / ``"auto"`` (the first GPU if
             any, else the CPU). The model is placed there once. A list of several (``["cuda:0", "cuda:1"]``,
             ``["cpu", "cpu"]``) starts a pool of worker processes, one per entry, each loading the model itself
-            (see :class:`tembed.parallel.EmbedderPool` and docs/parallel.md; scripts need an
+            (see :class:`tembed.pool.EmbedderPool` and docs/parallel.md; scripts need an
             ``if __name__ == "__main__":`` guard); every method works the same, and ``close()`` stops them.
         pooling: ``"cls"``, ``"mean"`` or ``"last_token"``; None: from the registry entry or the folder's
             sentence-transformers files.
-        normalize: L2-normalize the vectors (default True).
+        normalize: L2-normalize the vectors; None (default): as the registry entry says, else as the folder's
+            ``modules.json`` says (a Normalize module or not, as sentence-transformers does), else True.
         query_instruction: instruction prepended to queries by :meth:`encode_queries`; None: the registry's
             published default (e.g. BGE English v1.5: ``"Represent this sentence for searching relevant
             passages: "``); ``""``: none.
@@ -64,10 +52,11 @@ class Embedder:
         batch_size: the most texts per forward pass; None: 64 on the CPU, 256 on GPUs.
         max_batch_tokens: the most padded tokens per forward pass; None: 4,096 on the CPU, no cap on GPUs.
         precision: ``"auto"`` (fp32 on CPU, fp16 on GPU), ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"int8"``
-            (CPU, ONNX Runtime). Outputs are float32 whatever the compute precision. Fidelity and speed of each
-            on a CPU: docs/cpu-performance.md.
+            (CPU: OpenVINO with NNCF, or ONNX Runtime). Outputs are float32 whatever the compute precision.
+            Fidelity and speed of each on a CPU: docs/cpu-performance.md.
         truncate_dim: keep the first ``truncate_dim`` dimensions (Matryoshka) before normalizing.
-        show_progress_bar: True / False, or None to show a bar for inputs of 1,024 texts or more.
+        show_progress_bar: True / False, or None to show a bar for inputs of 1,024 texts or more when stderr is a
+            terminal (logs of services and CI stay clean).
         trust_remote_code: allow the checkpoint's own code. None (default): only for a registry entry that needs it,
             named by its exact hub id (``"Alibaba-NLP/gte-large-en-v1.5"``); a local folder or another repository
             with the same basename needs ``True``, else loading it raises an error that says so.
@@ -79,6 +68,8 @@ class Embedder:
             torch otherwise and on GPUs (see :func:`tembed.backends.choose_backend`). The ONNX export is made
             on first use and cached under ``$TEMBED_CACHE`` (default ``~/.cache/tembed``); if it fails,
             ``"auto"`` warns and uses torch.
+        cache_dir: the Hugging Face cache to find (and, online, download) the model in; None: Hugging Face's
+            default (``HF_HUB_CACHE``).
 
     Example:
         >>> with Embedder("sentence-transformers/all-MiniLM-L6-v2", device="cpu") as embedder:
@@ -89,9 +80,9 @@ class Embedder:
         self,
         model: str | os.PathLike[str] = DEFAULT_MODEL,
         *,
-        device: DeviceLike = None,
+        device: DeviceLike | Sequence[DeviceLike] = None,
         pooling: str | None = None,
-        normalize: bool = True,
+        normalize: bool | None = None,
         query_instruction: str | None = None,
         query_instruction_format: str | None = None,
         passage_instruction: str | None = None,
@@ -106,182 +97,129 @@ class Embedder:
         trust_remote_code: bool | None = None,
         outputs: Sequence[str] | None = None,
         backend: str = "auto",
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        if pooling is not None and pooling not in POOLING_METHODS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLING_METHODS)}, got {pooling!r}")
-        for name, value in (
-            ("batch_size", batch_size),
-            ("max_batch_tokens", max_batch_tokens),
-            ("truncate_dim", truncate_dim),
-            ("query_max_length", query_max_length),
-            ("passage_max_length", passage_max_length),
-        ):
-            if value is not None:
-                _check_positive(name, value)
-        for template in (query_instruction_format, passage_instruction_format):
-            if template is not None:
-                check_instruction_format(template)
-        self._pool: Any = None
+        config = EmbedderConfig(
+            model=os.fspath(model) if isinstance(model, os.PathLike) else model,
+            pooling=pooling,
+            normalize=normalize,
+            query_instruction=query_instruction,
+            query_instruction_format=query_instruction_format,
+            passage_instruction=passage_instruction,
+            passage_instruction_format=passage_instruction_format,
+            query_max_length=query_max_length,
+            passage_max_length=passage_max_length,
+            batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens,
+            precision=precision,
+            truncate_dim=truncate_dim,
+            show_progress_bar=show_progress_bar,
+            trust_remote_code=trust_remote_code,
+            outputs=None if outputs is None else tuple(outputs),
+            backend=backend,
+            cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+        )
+        self._open(config, device)
+
+    def _open(self, config: EmbedderConfig, device: DeviceLike | Sequence[DeviceLike]) -> None:
+        self.config = config
+        """What was asked for (:class:`~tembed.settings.EmbedderConfig`, picklable)."""
+        self.encoder: Encoder = open_encoder(config, device)
+        """The encoder doing the work: one device (LocalEncoder) or a worker pool (EmbedderPool)."""
         self._closed = False
-        self.resolved: ResolvedModel = resolve_model(model)
-        spec = self.resolved.spec
-        self.spec: ModelSpec = spec
-        remote = self.resolved.trust_remote_code if trust_remote_code is None else trust_remote_code
-        check_model_folder(self.resolved.path, trust_remote_code=remote, explicit=trust_remote_code is not None)
-        devices = _several_devices(device)
-        if devices is not None:
-            self._start_pool(
-                model,
-                devices,
-                pooling=pooling,
-                normalize=normalize,
-                query_instruction=query_instruction,
-                query_instruction_format=query_instruction_format,
-                passage_instruction=passage_instruction,
-                passage_instruction_format=passage_instruction_format,
-                query_max_length=query_max_length,
-                passage_max_length=passage_max_length,
-                batch_size=batch_size,
-                max_batch_tokens=max_batch_tokens,
-                precision=precision,
-                truncate_dim=truncate_dim,
-                show_progress_bar=show_progress_bar,
-                trust_remote_code=remote,
-                outputs=outputs,
-                backend=backend,
-            )
-            return
-        self.device = resolve_device(device[0] if isinstance(device, (list, tuple)) else device)
-        self.precision = precision
-        dtype = resolve_dtype(precision, self.device)
 
-        wanted = tuple(spec.outputs if outputs is None else outputs)
-        unknown = [name for name in wanted if name not in spec.outputs]
-        if unknown or not wanted:
-            raise ValueError(f"outputs={wanted!r}: this model ({spec.kind}) can produce {', '.join(spec.outputs)}")
+    @classmethod
+    def from_config(cls, config: EmbedderConfig, device: DeviceLike | Sequence[DeviceLike] = None) -> Embedder:
+        """An Embedder for a :class:`~tembed.settings.EmbedderConfig` (as a worker or a server replica has)."""
+        embedder = cls.__new__(cls)
+        embedder._open(config, device)
+        return embedder
 
-        self.tokenizer = TextTokenizer(self.resolved.path, trust_remote_code=remote)
-        config = read_json_file(os.path.join(self.resolved.path, "config.json"))  # valid: resolve_model read it
-        check_tokenizer_size(self.resolved.path, len(self.tokenizer.hf), config.get("vocab_size"))
-        sparse_kind = None
-        if "sparse" in wanted:
-            sparse_kind = "splade" if spec.kind == "splade" else "m3"
-        model_type = config.get("model_type")
-        self.backend_name = choose_backend(backend, precision, self.device, model_type)
-        backend_options: dict[str, Any] = dict(
-            device=self.device, precision=precision, dtype=dtype, trust_remote_code=remote
-        )
-        backend_options["masked_lm"] = sparse_kind == "splade"
-        try:
-            self.backend = create_backend(self.backend_name, self.resolved.path, **backend_options)
-        except (RuntimeError, ImportError) as error:
-            if backend != "auto" or self.backend_name == "torch" or precision == "int8":
-                raise
-            warnings.warn(f"{self.backend_name} backend unavailable ({error}); using torch", stacklevel=2)
-            self.backend_name = "torch"
-            self.backend = create_backend("torch", self.resolved.path, **backend_options)
-        torch_names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-        self.effective_precision: str = getattr(self.backend, "effective_precision", None) or torch_names[dtype]
-        """The precision the model really runs in (``precision`` is kept as asked): ``"auto"`` resolved, and
-        ``"fp32"`` where ``"bf16"`` was asked of OpenVINO on a CPU without native bf16 (AVX512-BF16 / AMX)."""
-        m3_heads = None
-        if spec.kind == "m3" and ("sparse" in wanted or "colbert" in wanted):
-            heads_dtype = dtype if self.backend_name == "torch" else torch.float32
-            m3_heads = M3Heads.load(self.resolved.path, device=self.device, dtype=heads_dtype)
-        if truncate_dim is not None and truncate_dim > self.backend.hidden_size:
-            raise ValueError(f"truncate_dim={truncate_dim} exceeds the model's dimension {self.backend.hidden_size}")
-        self.max_seq_length: int | None = _model_max_positions(self.backend.config, self.tokenizer)
-        """The most tokens the model's position embeddings allow (None when it has no such limit)."""
-
-        self.query_instruction = spec.query_instruction if query_instruction is None else query_instruction
-        self.query_instruction_format = query_instruction_format or spec.query_instruction_format
-        self.passage_instruction = spec.passage_instruction if passage_instruction is None else passage_instruction
-        self.passage_instruction_format = passage_instruction_format or spec.passage_instruction_format
-        self.query_max_length = self._default_length(query_max_length, spec.query_max_length, "query_max_length")
-        self.passage_max_length = self._default_length(
-            passage_max_length, spec.passage_max_length, "passage_max_length"
-        )
-        self.batch_size = batch_size or (
-            DEFAULT_CPU_BATCH_SIZE if self.device.type == "cpu" else DEFAULT_GPU_BATCH_SIZE
-        )
-        self.max_batch_tokens = (
-            max_batch_tokens
-            if max_batch_tokens is not None
-            else (DEFAULT_CPU_MAX_BATCH_TOKENS if self.device.type == "cpu" else None)
-        )
-        self.show_progress_bar = show_progress_bar
-        self.pipeline = EncodePipeline(
-            self.tokenizer,
-            self.backend,
-            HeadConfig(
-                pooling=pooling or spec.pooling,
-                normalize=normalize,
-                truncate_dim=truncate_dim,
-                sparse=sparse_kind,
-                m3_heads=m3_heads,
-                sparse_excluded_ids=frozenset(self.tokenizer.special_ids_without_weight()),
-            ),
-        )
-
-    def _start_pool(self, model: str | os.PathLike[str], devices: list[DeviceLike], **options: Any) -> None:
-        """Several devices: a pool of worker processes, each loading the model itself (tembed.parallel)."""
-        from tembed.parallel import EmbedderPool
-
-        self._pool = EmbedderPool(model, devices, **options)
-        self.device = self._pool.devices
-        settings = self._pool.worker_settings
-        self._pool_settings = settings
-        for name in _PLAIN_SETTINGS:
-            setattr(self, name, settings[name])
-        self.show_progress_bar = options["show_progress_bar"]
+    # ----------------------------------------------------------------------------------------------- settings
+    @property
+    def settings_(self) -> Settings:
+        """The effective :class:`~tembed.settings.Settings` (pooling, normalize, instructions, lengths, dim...)."""
+        return self.encoder.settings
 
     def settings(self) -> dict[str, Any]:
-        """What this Embedder does, as plain values (pooling, instructions, lengths, dim, outputs, backend...)."""
-        if self._pool is not None:
-            return dict(self._pool_settings)
-        values = {name: getattr(self, name) for name in _PLAIN_SETTINGS}
-        values.update(
-            pooling=self.pooling,
-            normalize=self.normalize,
-            truncate_dim=self.truncate_dim,
-            embedding_dim=self.embedding_dim,
-            outputs=list(self.outputs),
-            device=str(self.device),
-        )
+        """The effective settings as plain values (see :class:`~tembed.settings.Settings`)."""
+        values = self.settings_.as_dict()
+        values["embedding_dim"] = values["dim"]
+        values["backend_name"] = values["backend"]
         return values
-
-    # ----------------------------------------------------------------------------------------------- properties
-    @property
-    def embedding_dim(self) -> int:
-        """The length of each output vector (``truncate_dim`` if set, else the model's hidden size)."""
-        return self._pool_settings["embedding_dim"] if self._pool is not None else self.pipeline.dim
-
-    @property
-    def pooling(self) -> str:
-        return self._pool_settings["pooling"] if self._pool is not None else self.pipeline.heads.pooling
-
-    @property
-    def normalize(self) -> bool:
-        return self._pool_settings["normalize"] if self._pool is not None else self.pipeline.heads.normalize
-
-    @property
-    def truncate_dim(self) -> int | None:
-        return self._pool_settings["truncate_dim"] if self._pool is not None else self.pipeline.heads.truncate_dim
-
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        """The outputs this Embedder can produce (``"dense"``, and ``"sparse"`` / ``"colbert"`` when loaded)."""
-        return tuple(self._pool_settings["outputs"]) if self._pool is not None else self.pipeline.heads.outputs
 
     @property
     def pool(self) -> Any:
-        """The worker pool (:class:`tembed.parallel.EmbedderPool`) when several devices were given, else None."""
-        return self._pool
+        """The worker pool (:class:`tembed.pool.EmbedderPool`) when several devices were given, else None."""
+        from tembed.local_encoder import LocalEncoder
+
+        return None if isinstance(self.encoder, LocalEncoder) else self.encoder
+
+    @property
+    def device(self) -> Any:
+        """The ``torch.device`` (a list of them for a pool)."""
+        return getattr(self.encoder, "device", None) or getattr(self.encoder, "devices", None)
+
+    @cached_property
+    def resolved(self) -> ResolvedModel:
+        """Where the model's files are and the spec they are encoded with."""
+        return getattr(self.encoder, "resolved", None) or resolve_model(
+            self.config.model, cache_dir=self.config.cache_dir
+        )
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.resolved.spec
+
+    @cached_property
+    def tokenizer(self) -> TextTokenizer:
+        """The model's tokenizer (a pool's is loaded here on first use; the workers hold their own)."""
+        own = getattr(self.encoder, "tokenizer", None)
+        if own is not None:
+            return own
+        return TextTokenizer(self.settings_.path, trust_remote_code=self.settings_.trust_remote_code)
+
+    @property
+    def backend(self) -> Any:
+        """The backend running the forward pass (one device only: a pool's run in its worker processes)."""
+        return self._local_stage("backend")
+
+    @property
+    def pipeline(self) -> Any:
+        """The :class:`~tembed.pipeline.EncodePipeline` (one device only)."""
+        return self._local_stage("pipeline")
+
+    def _local_stage(self, name: str) -> Any:
+        try:
+            return getattr(self.encoder, name)
+        except AttributeError:
+            raise AttributeError(
+                f"this Embedder runs on a pool of worker processes; its {name} lives in each worker"
+            ) from None
+
+    embedding_dim = property(lambda self: self.settings_.dim, doc="The length of each dense vector.")
+    pooling = property(lambda self: self.settings_.pooling, doc="``cls``, ``mean`` or ``last_token``.")
+    normalize = property(lambda self: self.settings_.normalize, doc="Whether vectors are L2-normalized.")
+    truncate_dim = property(lambda self: self.settings_.truncate_dim, doc="Matryoshka truncation, or None.")
+    outputs = property(lambda self: self.settings_.outputs, doc="The outputs this Embedder can produce.")
+    query_instruction = property(lambda self: self.settings_.query_instruction)
+    query_instruction_format = property(lambda self: self.settings_.query_instruction_format)
+    passage_instruction = property(lambda self: self.settings_.passage_instruction)
+    passage_instruction_format = property(lambda self: self.settings_.passage_instruction_format)
+    query_max_length = property(lambda self: self.settings_.query_max_length)
+    passage_max_length = property(lambda self: self.settings_.passage_max_length)
+    max_seq_length = property(lambda self: self.settings_.max_seq_length, doc="The model's token limit.")
+    batch_size = property(lambda self: self.settings_.batch_size)
+    max_batch_tokens = property(lambda self: self.settings_.max_batch_tokens)
+    precision = property(lambda self: self.settings_.precision, doc="The precision asked for.")
+    effective_precision = property(lambda self: self.settings_.effective_precision, doc="What it runs in.")
+    backend_name = property(lambda self: self.settings_.backend, doc="``torch``, ``onnx`` or ``openvino``.")
+    show_progress_bar = property(lambda self: self.settings_.show_progress_bar)
 
     @property
     def vocab_size(self) -> int:
         """The tokenizer's vocabulary size: the width of sparse vectors (``sparse_to_csr``)."""
-        return len(self.tokenizer.hf)
+        return self.settings_.vocab_size or len(self.tokenizer.hf)
 
     # ----------------------------------------------------------------------------------------------- encoding
     def encode(
@@ -306,7 +244,8 @@ class Embedder:
             batch_size: most texts per forward pass; default the constructor's.
             convert_to: ``"numpy"`` (default) or ``"torch"`` (a CPU tensor), for dense vectors.
             outputs: ``"dense"`` (default), ``"sparse"`` or ``"colbert"`` for that output alone, or a sequence
-                of them for an :class:`~tembed.outputs.EncodeOutputs` holding each (one forward pass for all).
+                of them for an :class:`~tembed.outputs.EncodeOutputs` holding each (one forward pass for all),
+                with ``token_counts``.
 
         Returns:
             Dense: float32 ``(dim,)`` for a string, ``(n, dim)`` for a list of n (``(0, dim)`` for an empty
@@ -315,17 +254,11 @@ class Embedder:
 
         Raises:
             TypeError: ``texts`` is None or holds a non-string (the index is named).
+            ValueError: a text with a lone surrogate (named), an output this model lacks, a bad ``convert_to``,
+                ``batch_size``, ``max_length`` or ``instruction_format``.
         """
-        return self._encode_checked(
-            "texts",
-            texts,
-            instruction,
-            instruction_format,
-            self.passage_max_length if max_length is None else max_length,
-            batch_size,
-            convert_to,
-            outputs,
-        )
+        options = dict(instruction=instruction, instruction_format=instruction_format)
+        return self._run("texts", texts, Role.PLAIN, max_length, batch_size, convert_to, outputs, options)
 
     def encode_queries(
         self,
@@ -340,16 +273,7 @@ class Embedder:
 
         Arguments and return value as :meth:`encode`.
         """
-        return self._encode_checked(
-            "queries",
-            queries,
-            self.query_instruction,
-            self.query_instruction_format,
-            self.query_max_length if max_length is None else max_length,
-            batch_size,
-            convert_to,
-            outputs,
-        )
+        return self._run("queries", queries, Role.QUERY, max_length, batch_size, convert_to, outputs)
 
     def encode_corpus(
         self,
@@ -364,76 +288,40 @@ class Embedder:
 
         Arguments and return value as :meth:`encode`.
         """
-        return self._encode_checked(
-            "corpus",
-            corpus,
-            self.passage_instruction,
-            self.passage_instruction_format,
-            self.passage_max_length if max_length is None else max_length,
-            batch_size,
-            convert_to,
-            outputs,
-        )
+        return self._run("corpus", corpus, Role.PASSAGE, max_length, batch_size, convert_to, outputs)
 
-    def _encode_checked(
+    def encode_with(
+        self, texts: str | Sequence[str], options: EncodeOptions, *, what: str = "texts"
+    ) -> EncodeOutputs | TextOutputs:
+        """Encode with an :class:`~tembed.settings.EncodeOptions` value: an EncodeOutputs for a list of texts, a
+        :class:`~tembed.outputs.TextOutputs` for a single string."""
+        items, single = check_texts(texts, what=what)
+        if self._closed:
+            raise RuntimeError("this Embedder is closed")
+        result = self.encoder.encode(items, options)
+        return result.first() if single else result
+
+    def _run(
         self,
         what: str,
         texts: str | Sequence[str],
-        instruction: str | None,
-        instruction_format: str | None,
-        max_length: int,
+        role: Role,
+        max_length: int | None,
         batch_size: int | None,
         convert_to: ConvertTo,
         outputs: str | Sequence[str],
+        extra: dict[str, Any] | None = None,
     ) -> Any:
-        items, single = check_texts(texts, what=what)
-        options = {"instruction": instruction, "instruction_format": instruction_format, "max_length": max_length}
-        options.update(batch_size=batch_size, convert_to=convert_to, outputs=outputs)
-        if self._pool is not None:
-            return self._pooled("encode", items, single, **options)
-        return self._encode(items, single=single, **options)
-
-    def _pooled(self, method: str, items: list[str], single: bool, **options: Any) -> Any:
-        if self._closed:
-            raise RuntimeError("this Embedder is closed")
-        result = self._pool.map(method, items, **options)
-        if single:
-            return result.first() if isinstance(result, EncodeOutputs) else result[0]
-        return result
-
-    def _encode(
-        self,
-        texts: list[str],
-        *,
-        single: bool,
-        instruction: str | None,
-        instruction_format: str | None,
-        max_length: int,
-        batch_size: int | None,
-        convert_to: ConvertTo,
-        outputs: str | Sequence[str] = "dense",
-    ) -> Any:
-        if self._closed:
-            raise RuntimeError("this Embedder is closed")
         if convert_to not in ("numpy", "torch"):
             raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}")
-        if batch_size is not None:
-            _check_positive("batch_size", batch_size)
         names = (outputs,) if isinstance(outputs, str) else tuple(outputs)
-        self.pipeline.check_outputs(names)
-        prepared = apply_instruction(texts, instruction, instruction_format)
-        result = self.pipeline.encode(
-            prepared,
-            max_length=self.clamp_max_length(max_length),
-            batch_size=batch_size or self.batch_size,
-            max_batch_tokens=self.max_batch_tokens,
-            outputs=names,
-            show_progress_bar=self.show_progress_bar,
-        )
+        options = EncodeOptions(role=role, max_length=max_length, outputs=names, batch_size=batch_size, **extra or {})
+        result = self.encode_with(texts, options, what=what)
         if convert_to == "torch" and result.dense is not None:
-            result.dense = torch.from_numpy(result.dense)  # type: ignore[assignment]
-        if single:
-            result = result.first()
+            import torch
+
+            # Documented: with convert_to="torch" the dense field holds a CPU tensor (sharing the array's memory).
+            object.__setattr__(result, "dense", torch.from_numpy(result.dense))
         return result[outputs] if isinstance(outputs, str) else result
 
     # ----------------------------------------------------------------------------------------------- scores
@@ -463,81 +351,29 @@ class Embedder:
             float for one pair). Scale: dense and colbert are cosines in [-1, 1]; sparse is an unnormalized dot
             product of term weights.
         """
-        from tembed.scoring import colbert_score, combine_scores, lexical_score
+        from tembed.scoring import score_pairs
 
-        single = len(pairs) == 2 and all(isinstance(item, str) for item in pairs)
-        pair_list = [pairs] if single else list(pairs)
-        for index, pair in enumerate(pair_list):
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-                raise TypeError(f"pairs[{index}] must be a (query, passage) pair, got {pair!r:.80}")
-        if self._pool is not None:
-            options = {"weights": weights, "max_query_length": max_query_length}
-            options.update(max_passage_length=max_passage_length, batch_size=batch_size)
-            merged = self._pooled("compute_score", [tuple(pair) for pair in pair_list], False, **options)
-            return {mode: values[0] for mode, values in merged.items()} if single else merged
-
-        def encode_all(what: str, texts: list[str], max_length: int) -> EncodeOutputs:
-            names = ("dense", "sparse", "colbert")
-            return self._encode_checked(what, texts, None, None, max_length, batch_size, "numpy", names)
-
-        query_outputs = encode_all(
-            "queries of pairs", [pair[0] for pair in pair_list], max_query_length or self.query_max_length
-        )
-        passage_outputs = encode_all(
-            "passages of pairs", [pair[1] for pair in pair_list], max_passage_length or self.passage_max_length
-        )
-        dense = np.sum(query_outputs.dense * passage_outputs.dense, axis=1, dtype=np.float64)
-        sparse = np.array(
-            [lexical_score(q, p) for q, p in zip(query_outputs.sparse, passage_outputs.sparse, strict=True)]
-        )
-        colbert = np.array(
-            [colbert_score(q, p) for q, p in zip(query_outputs.colbert, passage_outputs.colbert, strict=True)]
-        )
-        scores = combine_scores(dense, sparse.reshape(dense.shape), colbert.reshape(dense.shape), weights)
-        return {mode: (float(values[0]) if single else values.tolist()) for mode, values in scores.items()}
+        lengths = (max_query_length or self.query_max_length, max_passage_length or self.passage_max_length)
+        return score_pairs(self.encoder, pairs, weights=weights, max_lengths=lengths, batch_size=batch_size)
 
     def convert_id_to_token(self, weights: dict | Sequence[dict]) -> dict[str, float] | list[dict[str, float]]:
         """Sparse weights keyed by token text instead of id (one dict in, one dict out; a list gives a list)."""
-        if self._pool is not None:
-            from transformers import AutoTokenizer
-
-            decode = AutoTokenizer.from_pretrained(self.resolved.path).decode
-        else:
-            decode = self.tokenizer.hf.decode
+        decode = self.tokenizer.hf.decode
         if isinstance(weights, dict):
-            return {decode([int(token)]): weight for token, weight in weights.items()}
-        return [{decode([int(token)]): weight for token, weight in item.items()} for item in weights]
+            return {str(decode([int(token)])): weight for token, weight in weights.items()}
+        return [{str(decode([int(token)])): weight for token, weight in item.items()} for item in weights]
 
     # ----------------------------------------------------------------------------------------------- lengths
     def clamp_max_length(self, max_length: int, *, warn: bool = True) -> int:
         """``max_length`` limited to the model's positions; a value beyond them is clamped with a warning."""
-        _check_positive("max_length", max_length)
-        if self.max_seq_length is not None and max_length > self.max_seq_length:
-            if warn:
-                warnings.warn(
-                    f"max_length={max_length} exceeds the model's limit of {self.max_seq_length} tokens; "
-                    f"texts are truncated at {self.max_seq_length}",
-                    UserWarning,
-                    stacklevel=4,
-                )
-            return self.max_seq_length
-        return max_length
-
-    def _default_length(self, given: int | None, from_spec: int | None, name: str) -> int:
-        if given is not None:
-            return self.clamp_max_length(given)
-        chosen = from_spec or self.resolved.st_config.max_seq_length or DEFAULT_MAX_LENGTH
-        return self.clamp_max_length(chosen, warn=False)
+        return clamp_max_length(max_length, self.max_seq_length, warn=warn)
 
     # ----------------------------------------------------------------------------------------------- lifetime
     def close(self) -> None:
-        """Release the model and its memory. The Embedder cannot encode afterwards."""
+        """Release the model and its memory (and stop a pool's workers). The Embedder cannot encode afterwards."""
         if not self._closed:
             self._closed = True
-            if self._pool is not None:
-                self._pool.close()
-            else:
-                self.backend.close()
+            self.encoder.close()
 
     def __enter__(self) -> Embedder:
         return self
@@ -546,48 +382,12 @@ class Embedder:
         self.close()
 
     def __repr__(self) -> str:
+        s = self.settings_
         return (
-            f"Embedder(model={self.resolved.name!r}, device={str(self.device)!r}, pooling={self.pooling!r}, "
-            f"dim={self.embedding_dim}, normalize={self.normalize}, precision={self.precision!r}, "
-            f"effective_precision={self.effective_precision!r}, backend={self.backend_name!r})"
+            f"Embedder(model={self.config.model!r}, device={s.device!r}, pooling={s.pooling!r}, dim={s.dim}, "
+            f"normalize={s.normalize}, precision={s.precision!r}, effective_precision={s.effective_precision!r}, "
+            f"backend={s.backend!r})"
         )
 
 
-_PLAIN_SETTINGS = (
-    "query_instruction",
-    "query_instruction_format",
-    "passage_instruction",
-    "passage_instruction_format",
-    "query_max_length",
-    "passage_max_length",
-    "max_seq_length",
-    "batch_size",
-    "max_batch_tokens",
-    "precision",
-    "effective_precision",
-    "backend_name",
-)
-
-
-def _several_devices(device: Any) -> list[DeviceLike] | None:
-    """The device list when ``device`` names more than one device (a pool), else None."""
-    if isinstance(device, (list, tuple)):
-        if not device:
-            raise ValueError("device=[]: give at least one device")
-        if len(device) > 1:
-            return list(device)
-    return None
-
-
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _model_max_positions(config: Any, tokenizer: TextTokenizer) -> int | None:
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions:
-        if getattr(config, "model_type", "") in _ROBERTA_LIKE:
-            positions -= (getattr(config, "pad_token_id", 1) or 1) + 1  # positions start after the padding index
-        return int(positions)
-    return tokenizer.model_max_length
+__all__ = ["ConvertTo", "Embedder"]

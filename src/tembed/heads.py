@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tembed.models.architecture import M3_COLBERT_FILE, M3_SPARSE_FILE
+
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> torch.Tensor:
     """One vector per text.
@@ -42,8 +44,6 @@ def finish(vectors: torch.Tensor, *, truncate_dim: int | None, normalize: bool) 
 
 
 # --------------------------------------------------------------------------------------------- BGE-M3 heads
-M3_COLBERT_FILE = "colbert_linear.pt"
-M3_SPARSE_FILE = "sparse_linear.pt"
 
 
 class MissingHeadError(FileNotFoundError):
@@ -61,13 +61,6 @@ class M3Heads(torch.nn.Module):
         super().__init__()
         self.sparse_linear = sparse_linear
         self.colbert_linear = colbert_linear
-
-    @staticmethod
-    def any_file_present(folder: str) -> bool:
-        """Whether the folder has either head file (a folder with only one is an incomplete M3 model)."""
-        import os
-
-        return any(os.path.isfile(os.path.join(folder, name)) for name in (M3_COLBERT_FILE, M3_SPARSE_FILE))
 
     @classmethod
     def load(cls, folder: str, *, device: torch.device, dtype: torch.dtype) -> M3Heads:

@@ -15,29 +15,17 @@ from typing import Any
 
 import numpy as np
 
-OUTPUT_NAMES: tuple[str, ...] = ("dense", "sparse", "colbert")
+from tembed.types import OUTPUT_NAMES
+
 # FlagEmbedding's BGEM3FlagModel keys.
 REFERENCE_KEYS: dict[str, str] = {"dense_vecs": "dense", "lexical_weights": "sparse", "colbert_vecs": "colbert"}
 
 SparseVector = dict[int, float]
 
 
-@dataclass
-class EncodeOutputs:
-    """The outputs of one encode call, in the caller's order; an output not asked for is None.
-
-    Also readable with FlagEmbedding's keys: ``result["dense_vecs"]``, ``result["lexical_weights"]``,
-    ``result["colbert_vecs"]`` (the sparse weights keep int keys here; the FlagEmbedding facade converts).
-
-    Attributes:
-        dense: ``(n, dim)`` float32, or ``(dim,)`` for a single string.
-        sparse: a list of ``{token_id: weight}`` dicts, or one dict for a single string.
-        colbert: a list of ``(n_tokens, dim)`` float32 arrays, or one array for a single string.
-    """
-
-    dense: np.ndarray | None = None
-    sparse: list[SparseVector] | SparseVector | None = None
-    colbert: list[np.ndarray] | np.ndarray | None = None
+class _ReferenceKeys:
+    """Item access by output name or by FlagEmbedding's M3 keys (``dense_vecs``, ``lexical_weights``,
+    ``colbert_vecs``)."""
 
     def __getitem__(self, key: str) -> Any:
         name = REFERENCE_KEYS.get(key, key)
@@ -49,42 +37,90 @@ class EncodeOutputs:
         """FlagEmbedding's keys, as its M3 ``encode`` returns them."""
         return iter(REFERENCE_KEYS)
 
+
+@dataclass
+class TextOutputs(_ReferenceKeys):
+    """The outputs of a single text (an encode call given one string); an output not asked for is None.
+
+    Attributes:
+        dense: ``(dim,)`` float32.
+        sparse: ``{token_id: weight}``.
+        colbert: ``(n_tokens, dim)`` float32.
+        token_count: the text's tokens as encoded (instruction and special tokens included, after truncation).
+    """
+
+    dense: np.ndarray | None = None
+    sparse: SparseVector | None = None
+    colbert: np.ndarray | None = None
+    token_count: int | None = None
+
+
+@dataclass
+class EncodeOutputs(_ReferenceKeys):
+    """The outputs of one encode call over a list of texts, in the caller's order; an output not asked for is
+    None.
+
+    Also readable with FlagEmbedding's keys: ``result["dense_vecs"]``, ``result["lexical_weights"]``,
+    ``result["colbert_vecs"]`` (the sparse weights keep int keys here; the FlagEmbedding facade converts).
+
+    Attributes:
+        dense: ``(n, dim)`` float32.
+        sparse: a list of ``{token_id: weight}`` dicts.
+        colbert: a list of ``(n_tokens, dim)`` float32 arrays.
+        token_counts: ``(n,)`` int64, the tokens of each text as encoded (instruction and special tokens
+            included, after truncation); None where not known.
+    """
+
+    dense: np.ndarray | None = None
+    sparse: list[SparseVector] | None = None
+    colbert: list[np.ndarray] | None = None
+    token_counts: np.ndarray | None = None
+
     def __len__(self) -> int:
-        for name in OUTPUT_NAMES:
+        for name in ("dense", "sparse", "colbert", "token_counts"):
             value = getattr(self, name)
             if value is not None:
-                return 1 if isinstance(value, dict) or (name == "dense" and value.ndim == 1) else len(value)
+                return len(value)
         return 0
 
-    def first(self) -> EncodeOutputs:
+    def first(self) -> TextOutputs:
         """The outputs of the first text (for a single-string input)."""
-        return EncodeOutputs(
+        return TextOutputs(
             dense=None if self.dense is None else self.dense[0],
-            sparse=None if self.sparse is None else self.sparse[0],  # type: ignore[index]
-            colbert=None if self.colbert is None else self.colbert[0],  # type: ignore[index]
+            sparse=None if self.sparse is None else self.sparse[0],
+            colbert=None if self.colbert is None else self.colbert[0],
+            token_count=None if self.token_counts is None else int(self.token_counts[0]),
         )
 
     def take(self, indices: Sequence[int] | np.ndarray) -> EncodeOutputs:
         """The outputs of the texts at ``indices``, in that order."""
         order = np.asarray(indices, dtype=np.int64)
+        positions = order.tolist()
         return EncodeOutputs(
             dense=None if self.dense is None else self.dense[order],
-            sparse=None if self.sparse is None else [self.sparse[i] for i in order.tolist()],  # type: ignore[index]
-            colbert=None if self.colbert is None else [self.colbert[i] for i in order.tolist()],  # type: ignore[index]
+            sparse=None if self.sparse is None else [self.sparse[i] for i in positions],
+            colbert=None if self.colbert is None else [self.colbert[i] for i in positions],
+            token_counts=None if self.token_counts is None else self.token_counts[order],
         )
 
     @classmethod
     def concatenate(cls, parts: Sequence[EncodeOutputs]) -> EncodeOutputs:
-        """Join the outputs of consecutive chunks (lists of texts, not single strings)."""
-        if not parts:
-            return cls()
+        """Join the outputs of consecutive chunks; an output is kept only when every part has it."""
         merged = cls()
-        if parts[0].dense is not None:
-            merged.dense = np.concatenate([p.dense for p in parts], axis=0)  # type: ignore[misc]
-        if parts[0].sparse is not None:
-            merged.sparse = [vector for p in parts for vector in p.sparse]  # type: ignore[union-attr]
-        if parts[0].colbert is not None:
-            merged.colbert = [matrix for p in parts for matrix in p.colbert]  # type: ignore[union-attr]
+        if not parts:
+            return merged
+        dense = [p.dense for p in parts if p.dense is not None]
+        sparse = [p.sparse for p in parts if p.sparse is not None]
+        colbert = [p.colbert for p in parts if p.colbert is not None]
+        counts = [p.token_counts for p in parts if p.token_counts is not None]
+        if len(dense) == len(parts):
+            merged.dense = np.concatenate(dense, axis=0)
+        if len(sparse) == len(parts):
+            merged.sparse = [vector for part in sparse for vector in part]
+        if len(colbert) == len(parts):
+            merged.colbert = [matrix for part in colbert for matrix in part]
+        if len(counts) == len(parts):
+            merged.token_counts = np.concatenate(counts)
         return merged
 
 

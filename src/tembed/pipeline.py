@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from tembed.backends.base import Backend
 from tembed.batching import plan_batches
@@ -31,11 +30,10 @@ from tembed.heads import (
     vocab_weights_to_dicts,
 )
 from tembed.outputs import EncodeOutputs
+from tembed.progress import progress_bar, show_progress
 from tembed.tokenize import TextTokenizer
 
 logger = logging.getLogger(__name__)
-
-PROGRESS_BAR_MIN_TEXTS = 1024
 
 
 class EncodeOutOfMemoryError(MemoryError):
@@ -62,6 +60,12 @@ class HeadConfig:
     sparse: str | None = None
     m3_heads: M3Heads | None = None
     sparse_excluded_ids: frozenset[int] = field(default_factory=frozenset)
+
+    def require_m3(self) -> M3Heads:
+        """The M3 heads (sparse / ColBERT outputs are checked against :attr:`outputs` before this is called)."""
+        if self.m3_heads is None:
+            raise RuntimeError("this model has no BGE-M3 heads loaded")
+        return self.m3_heads
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -112,11 +116,13 @@ class EncodePipeline:
             batch_size: the most texts per forward pass.
             max_batch_tokens: the most padded tokens per forward pass, or None.
             outputs: any of ``"dense"``, ``"sparse"``, ``"colbert"``; all come from the same forward pass.
-            show_progress_bar: True / False, or None to show it for inputs of 1,024 texts or more.
+            show_progress_bar: True / False, or None to show it for inputs of 1,024 texts or more when stderr is
+                a terminal.
 
         Returns:
             The requested outputs, in the order of ``texts``: dense ``(n, dim)`` float32, sparse a list of
-            ``{token_id: weight}``, colbert a list of ``(n_tokens, dim)`` float32 arrays.
+            ``{token_id: weight}``, colbert a list of ``(n_tokens, dim)`` float32 arrays; ``token_counts`` the
+            tokens of each text after truncation (special tokens included).
         """
         token_ids = self.tokenizer.encode(texts, max_length)
         return self.encode_tokenized(
@@ -142,15 +148,15 @@ class EncodePipeline:
         result = EncodeOutputs(
             dense=np.empty((count, self.dim), dtype=np.float32) if "dense" in outputs else None,
             sparse=[{}] * count if "sparse" in outputs else None,
-            colbert=[None] * count if "colbert" in outputs else None,  # type: ignore[list-item]
+            colbert=[np.empty((0, 0), dtype=np.float32)] * count if "colbert" in outputs else None,
+            token_counts=np.fromiter((len(ids) for ids in token_ids), dtype=np.int64, count=count),
         )
         if not token_ids:
             return result
         lengths = [len(ids) for ids in token_ids]
         budget = _min_budget(max_batch_tokens, self.token_budget_after_oom)
         pending = deque(plan_batches(lengths, batch_size=batch_size, max_batch_tokens=budget))
-        show = count >= PROGRESS_BAR_MIN_TEXTS if show_progress_bar is None else show_progress_bar
-        with tqdm(total=count, desc="Encoding", unit="text", disable=not show, leave=False) as bar:
+        with progress_bar(count, show_progress(show_progress_bar, count)) as bar:
             while pending:
                 indices = pending.popleft()
                 try:
@@ -180,27 +186,30 @@ class EncodePipeline:
         want_logits = "sparse" in outputs and heads.sparse == "splade"
         dense_only = tuple(outputs) == ("dense",)
         forward = self.backend.forward(batch, want_logits=want_logits, pooling=heads.pooling if dense_only else None)
+        if forward.pooled is not None:  # the backend pooled inside its graph (dense-only calls)
+            vectors = finish(forward.pooled, truncate_dim=heads.truncate_dim, normalize=heads.normalize)
+            return EncodeOutputs(dense=vectors.cpu().numpy())
+        hidden = forward.hidden
+        if hidden is None:
+            raise RuntimeError(f"{type(self.backend).__name__} returned neither hidden states nor pooled vectors")
+        mask = torch.from_numpy(batch.attention_mask).to(hidden.device)
         result = EncodeOutputs()
-        hidden = forward.hidden  # None only when the backend pooled inside its graph (dense-only calls)
-        mask = torch.from_numpy(batch.attention_mask).to(hidden.device) if hidden is not None else None
         if "dense" in outputs:
-            pooled = forward.pooled if forward.pooled is not None else pool(hidden, mask, heads.pooling)  # type: ignore[arg-type]
-            vectors = finish(pooled, truncate_dim=heads.truncate_dim, normalize=heads.normalize)
+            vectors = finish(
+                pool(hidden, mask, heads.pooling), truncate_dim=heads.truncate_dim, normalize=heads.normalize
+            )
             result.dense = vectors.cpu().numpy()
-        if "sparse" in outputs:
-            if heads.sparse == "splade":
-                result.sparse = vocab_weights_to_dicts(splade_term_weights(forward.logits, mask))  # type: ignore[arg-type]
-            else:
-                weights = m3_token_weights(hidden, heads.m3_heads)  # type: ignore[arg-type]
-                input_ids = torch.from_numpy(batch.input_ids)
-                result.sparse = token_weights_to_dicts(weights * mask, input_ids, set(heads.sparse_excluded_ids))
+        if "sparse" in outputs and heads.sparse == "splade":
+            if forward.logits is None:
+                raise RuntimeError(f"{type(self.backend).__name__} returned no masked-LM logits for SPLADE weights")
+            result.sparse = vocab_weights_to_dicts(splade_term_weights(forward.logits, mask))
+        elif "sparse" in outputs:
+            weights = m3_token_weights(hidden, heads.require_m3())
+            input_ids = torch.from_numpy(batch.input_ids)
+            result.sparse = token_weights_to_dicts(weights * mask, input_ids, set(heads.sparse_excluded_ids))
         if "colbert" in outputs:
             result.colbert = colbert_vectors(
-                hidden,
-                mask,
-                heads.m3_heads,
-                truncate_dim=heads.truncate_dim,
-                normalize=heads.normalize,  # type: ignore[arg-type]
+                hidden, mask, heads.require_m3(), truncate_dim=heads.truncate_dim, normalize=heads.normalize
             )
         return result
 

