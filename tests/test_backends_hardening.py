@@ -1,5 +1,6 @@
 """The CPU backends on real machines: telemetry off, the precision really used, the int8 recipe per instruction set,
-unreadable cached exports rebuilt, and no staging left behind by interrupted exports."""
+unreadable cached exports rebuilt, no staging left behind by interrupted exports, the export cache keyed by the
+model files' content, and no heavy import for code that only names backends."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from tembed import Embedder
-from tembed.backends import onnx_backend
+from tembed.backends import export
 
 pytest.importorskip("onnxruntime")
 
@@ -29,7 +30,7 @@ def pristine_cache(tmp_path_factory, minilm_path):
     previous = os.environ.get("TEMBED_CACHE")
     os.environ["TEMBED_CACHE"] = folder
     try:
-        onnx_backend.export_onnx(minilm_path)
+        export.export_onnx(minilm_path)
     finally:
         if previous is None:
             os.environ.pop("TEMBED_CACHE")
@@ -59,11 +60,11 @@ def _count_exports(monkeypatch) -> list[int]:
     import torch
 
     calls = []
-    export = torch.onnx.export
+    original = torch.onnx.export
 
     def counting(*args, **kwargs):
         calls.append(1)
-        return export(*args, **kwargs)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(torch.onnx, "export", counting)
     return calls
@@ -135,7 +136,7 @@ def test_an_explicit_telemetry_opt_in_is_respected(tmp_path):
     home = tmp_path / "home"
     (home / "intel").mkdir(parents=True)
     (home / "intel" / "openvino_telemetry").write_text("1")
-    script = "import sys; import tembed.backends.onnx_backend; print(sys.modules.get('openvino_telemetry', 'absent'))"
+    script = "import sys; import tembed.backends.openvino; print(sys.modules.get('openvino_telemetry', 'absent'))"
     result = subprocess.run(
         [sys.executable, "-c", script], env=_clean_env(str(home)), capture_output=True, text=True, timeout=300
     )
@@ -225,15 +226,15 @@ def test_int8_ir_file_name_carries_the_recipe(tmp_path, monkeypatch):
     onnx_path = str(folder / "model.onnx")
     paths = {}
     for recipe in ("vnni", "no-vnni"):
-        paths[recipe] = onnx_backend._openvino_int8(onnx_path, "unused", ["input_ids"], False, recipe)
-        assert onnx_backend._openvino_int8(onnx_path, "unused", ["input_ids"], False, recipe) == paths[recipe]
+        paths[recipe] = export.openvino_int8(onnx_path, "unused", ["input_ids"], False, recipe)
+        assert export.openvino_int8(onnx_path, "unused", ["input_ids"], False, recipe) == paths[recipe]
     assert os.path.basename(paths["vnni"]) == "int8-ov-v2-vnni.xml"
     assert os.path.basename(paths["no-vnni"]) == "int8-ov-v2-no-vnni.xml"
     assert built == [quantize.OPENVINO_INT8_RECIPES["vnni"], quantize.OPENVINO_INT8_RECIPES["no-vnni"]]
     monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset({"avx2"}))
-    assert onnx_backend._openvino_int8(onnx_path, "unused", ["input_ids"], False) == paths["no-vnni"]
+    assert export.openvino_int8(onnx_path, "unused", ["input_ids"], False) == paths["no-vnni"]
     monkeypatch.setattr(quantize, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
-    assert onnx_backend._openvino_int8(onnx_path, "unused", ["input_ids"], False) == paths["vnni"]
+    assert export.openvino_int8(onnx_path, "unused", ["input_ids"], False) == paths["vnni"]
     assert len(built) == 2
 
 
@@ -261,7 +262,7 @@ def test_unreadable_export_json_is_rebuilt(cache, minilm_path, monkeypatch):
         handle.write('{"inputs": ["input_ids", "attention')
     exports = _count_exports(monkeypatch)
     with pytest.warns(UserWarning, match=UNREADABLE):
-        path = onnx_backend.export_onnx(minilm_path)
+        path = export.export_onnx(minilm_path)
     assert len(exports) == 1
     with open(os.path.join(os.path.dirname(path), "export.json"), encoding="utf-8") as handle:
         assert "token_type_ids" in json.load(handle)["inputs"]
@@ -291,7 +292,7 @@ def test_unreadable_openvino_int8_ir_is_rebuilt(cache, minilm_path, monkeypatch,
     monkeypatch.setattr(quantize, "write_openvino_int8", plain_ir)
     with Embedder(minilm_path, device="cpu", backend="openvino", precision="int8") as first:
         expected = first.encode(["an int8 IR"])
-        xml = onnx_backend._openvino_int8(first.backend.onnx_path, minilm_path, [], False, first.backend.int8_recipe)
+        xml = export.openvino_int8(first.backend.onnx_path, minilm_path, [], False, first.backend.int8_recipe)
     assert os.path.dirname(xml) == cache
     (_truncate if part == "bin" else _garble)(xml[: -len(".xml")] + "." + part)
     with (
@@ -302,14 +303,14 @@ def test_unreadable_openvino_int8_ir_is_rebuilt(cache, minilm_path, monkeypatch,
 
 
 def test_a_rebuild_that_fails_too_raises(cache, minilm_path, monkeypatch):
-    damage_every_export = onnx_backend.export_onnx
+    damage_every_export = export.export_onnx
 
     def export_and_damage(*args, **kwargs):
         path = damage_every_export(*args, **kwargs)
         _garble(path)
         return path
 
-    monkeypatch.setattr(onnx_backend, "export_onnx", export_and_damage)
+    monkeypatch.setattr(export, "export_onnx", export_and_damage)
     with pytest.raises(RuntimeError, match="was unreadable .*; rebuilding it failed too"):
         Embedder(minilm_path, device="cpu", backend="openvino")
 
@@ -326,10 +327,103 @@ def test_a_missing_package_or_a_full_disk_is_not_blamed_on_the_cache(cache, mini
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(onnx_backend, "_quantize_int8", full_disk)
+    from tembed.backends import quantize
+
+    monkeypatch.setattr(quantize, "quantize_dynamic_int8", full_disk)
     with pytest.raises(OSError, match="No space left"):
         Embedder(minilm_path, device="cpu", backend="onnx", precision="int8")
     assert exports == [] and os.path.isfile(os.path.join(cache, "model.onnx"))
+
+
+# ------------------------------------------------------------------------ the export cache: keyed by content
+def _copy_with_new_mtimes(source: str, target: str) -> str:
+    """A copy of a model folder whose files all get new mtimes (copytree keeps them: copy2)."""
+    shutil.copytree(source, target)
+    later = time.time() + 10
+    for root, _, names in os.walk(target):
+        for name in names:
+            os.utime(os.path.join(root, name), (later, later))
+    return target
+
+
+def test_a_copied_model_folder_reuses_the_export(cache, minilm_path, tmp_path, monkeypatch):
+    """Same bytes under a new path with new mtimes: the same export, not a new one (15-30 s each)."""
+    import torch
+
+    copy = _copy_with_new_mtimes(minilm_path, str(tmp_path / "minilm-copy"))
+    assert (
+        os.stat(os.path.join(copy, "config.json")).st_mtime_ns
+        != os.stat(os.path.join(minilm_path, "config.json")).st_mtime_ns
+    )
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the copied model folder was exported again")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    path = export.export_onnx(copy)
+    assert os.path.dirname(path) == cache
+    with Embedder(copy, device="cpu", backend="onnx") as embedder:
+        assert embedder.backend.onnx_path == path
+        embedder.encode(["a copied model"])
+
+
+def test_the_cache_key_follows_the_bytes_and_hashes_each_file_once(minilm_path, tmp_path):
+    options = {"masked_lm": False, "trust_remote_code": False, "opset": export.OPSET}
+    copy = _copy_with_new_mtimes(minilm_path, str(tmp_path / "minilm-copy"))
+    before = export._content_digest.cache_info()
+    key = export.fingerprint(copy, options)
+    hashed = export._content_digest.cache_info().misses - before.misses
+    assert hashed == sum(1 for name in os.listdir(copy) if name.endswith(export.FINGERPRINT_SUFFIXES))
+    assert export.fingerprint(copy, options) == key  # memoized: no file read again
+    assert export._content_digest.cache_info().misses - before.misses == hashed
+    assert key == export.fingerprint(minilm_path, options)
+    assert export.fingerprint(copy, {**options, "masked_lm": True}) != key
+    with open(os.path.join(copy, "config.json"), "a", encoding="utf-8") as handle:
+        handle.write("\n")  # same mtime second or not: the size changed, and so did the bytes
+    assert export.fingerprint(copy, options) != key
+
+
+# ------------------------------------------------------------------------------ cheap imports for backend names
+_IMPORT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, types
+    # Only the backends package: the parent's __init__ (the Embedder) loads torch anyway.
+    package = types.ModuleType("tembed")
+    package.__path__ = [sys.argv[1]]
+    sys.modules["tembed"] = package
+    import tembed.backends
+    import tembed.backends.base
+    import tembed.backends.select
+    from tembed.backends import BACKENDS, Backend, BackendOutput, TokenBatch, choose_backend, create_backend
+    from tembed.backends import disable_openvino_telemetry
+    loaded = sorted(name for name in ("torch", "onnxruntime", "openvino", "nncf", "transformers") if name in sys.modules)
+    gpu = types.SimpleNamespace(type="cuda")
+    print(json.dumps({"loaded": loaded, "gpu": choose_backend("auto", "fp32", gpu), "backends": list(BACKENDS)}))
+    """
+)
+
+
+def test_naming_backends_imports_no_engine():
+    import tembed
+
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_SCRIPT, os.path.dirname(tembed.__file__)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"loaded": [], "gpu": "torch", "backends": ["auto", "torch", "onnx", "openvino"]}
+
+
+def test_install_hints_name_real_packages(monkeypatch):
+    from tembed.backends import select
+
+    monkeypatch.setattr(select, "_installed", lambda module: False)
+    for name, package in (("onnx", "onnxruntime"), ("openvino", "openvino")):
+        with pytest.raises(ImportError, match=rf"needs {package}: pip install {package}$"):
+            select.backend_class(name)
 
 
 # ------------------------------------------------------------------------------- item 16: staging folders/files
@@ -347,7 +441,7 @@ def test_interrupted_export_leaves_no_staging(empty_cache, minilm_path, monkeypa
 
     monkeypatch.setattr(torch.onnx, "export", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        onnx_backend.export_onnx(minilm_path)
+        export.export_onnx(minilm_path)
     assert os.listdir(os.path.join(empty_cache, "onnx")) == []
 
 
@@ -363,7 +457,7 @@ def test_interrupted_derived_builds_leave_nothing(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        onnx_backend._derived(onnx_path, "int8-v2.onnx", interrupted_build)
+        export.derived_file(onnx_path, "int8-v2.onnx", interrupted_build)
     assert os.listdir(tmp_path) == ["model.onnx"]
 
     def interrupted_calibration(source, target_xml, feeds, **recipe):
@@ -373,7 +467,7 @@ def test_interrupted_derived_builds_leave_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(quantize, "tokenized_calibration", lambda *args, **kwargs: [])
     monkeypatch.setattr(quantize, "write_openvino_int8", interrupted_calibration)
     with pytest.raises(KeyboardInterrupt):
-        onnx_backend._openvino_int8(onnx_path, "unused", ["input_ids"], False, "no-vnni")
+        export.openvino_int8(onnx_path, "unused", ["input_ids"], False, "no-vnni")
     assert os.listdir(tmp_path) == ["model.onnx"]
 
 
@@ -382,9 +476,9 @@ def test_stale_staging_is_swept(empty_cache, minilm_path, monkeypatch):
 
     parent = os.path.join(empty_cache, "onnx")
     os.makedirs(parent)
-    host = onnx_backend._staging_tag().split("-")[0]
+    host = export.staging_tag().split("-")[0]
     dead, alive = _dead_pid(), os.getppid()
-    old = time.time() - 2 * onnx_backend.STALE_STAGING_SECONDS
+    old = time.time() - 2 * export.STALE_STAGING_SECONDS
     entries = {
         ".export-old": True,  # an older name (no pid), two hours old
         f".export-{host}-{dead}-abc": True,  # its process is gone
@@ -401,15 +495,15 @@ def test_stale_staging_is_swept(empty_cache, minilm_path, monkeypatch):
 
     monkeypatch.setattr(torch.onnx, "export", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        onnx_backend.export_onnx(minilm_path)  # sweeps before it exports
+        export.export_onnx(minilm_path)  # sweeps before it exports
     assert sorted(os.listdir(parent)) == sorted(name for name, stale in entries.items() if not stale)
 
 
 def test_stale_derived_staging_is_swept(tmp_path):
     onnx_path = str(tmp_path / "model.onnx")
     open(onnx_path, "w").close()
-    host = onnx_backend._staging_tag().split("-")[0]
-    old = time.time() - 2 * onnx_backend.STALE_STAGING_SECONDS
+    host = export.staging_tag().split("-")[0]
+    old = time.time() - 2 * export.STALE_STAGING_SECONDS
     stale = [f"int8-v2.onnx.{host}-{_dead_pid()}.tmp", "int8-v2.onnx.1234.tmp", f".int8-{host}-{_dead_pid()}-x"]
     for name in stale:
         path = tmp_path / name
@@ -420,5 +514,5 @@ def test_stale_derived_staging_is_swept(tmp_path):
         with open(target, "w") as handle:
             handle.write("int8")
 
-    onnx_backend._derived(onnx_path, "int8-v2.onnx", build)
+    export.derived_file(onnx_path, "int8-v2.onnx", build)
     assert sorted(os.listdir(tmp_path)) == ["int8-v2.onnx", "model.onnx"]

@@ -1,12 +1,19 @@
-"""The interface every backend implements."""
+"""The interface every backend implements, and the batches it runs on.
+
+Imports neither torch nor any inference engine at run time (the tensor types are for type checkers only), so
+tokenizing code can build :class:`TokenBatch` without loading a backend.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
 
 
 @dataclass
@@ -54,10 +61,15 @@ class Backend(Protocol):
     Attributes:
         device: where the forward pass runs (``torch.device``).
         hidden_size: width of the last hidden state.
+        config: the model's transformers config (the pipeline reads its position limit).
+        effective_precision: the precision the forward pass really runs in (``"fp32"``, ``"bf16"``, ``"fp16"``,
+            ``"int8"``), which can differ from the one asked for (bf16 on a CPU without native bf16).
     """
 
     device: torch.device
     hidden_size: int
+    config: PretrainedConfig
+    effective_precision: str
 
     def forward(self, batch: TokenBatch, *, want_logits: bool = False, pooling: str | None = None) -> BackendOutput:
         """Run the model.
@@ -74,3 +86,19 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release the model and its memory."""
         ...
+
+
+class BackendFactory(Protocol):
+    """How :func:`tembed.backends.create_backend` builds a registered backend: its class's ``create``, which takes
+    every backend's options and uses those it needs (see :data:`tembed.backends.select.REGISTRY`)."""
+
+    def create(
+        self,
+        path: str,
+        *,
+        device: torch.device,
+        precision: str,
+        dtype: torch.dtype,
+        trust_remote_code: bool,
+        masked_lm: bool,
+    ) -> Backend: ...

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from tembed.backends.base import BackendOutput, TokenBatch
 from tembed.devices import release_cached_memory
+
+if TYPE_CHECKING:
+    from tembed.backends.base import Backend
+
+_PRECISION_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @contextlib.contextmanager
@@ -62,10 +70,27 @@ class TorchBackend:
         self.encoder: torch.nn.Module | None = model.base_model if masked_lm else model
         self.masked_lm = masked_lm
         self.hidden_size = int(getattr(self.config, "hidden_size", 0) or model.get_input_embeddings().embedding_dim)
-        self._accepts_token_type_ids = "token_type_ids" in _forward_parameters(self.encoder)
+        self.effective_precision = _PRECISION_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+        self._accepts_token_type_ids = "token_type_ids" in forward_parameters(self.encoder)
 
-    def _tensor(self, array: object) -> torch.Tensor:
-        tensor = torch.from_numpy(array)  # type: ignore[arg-type]
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        *,
+        device: torch.device,
+        precision: str,
+        dtype: torch.dtype,
+        trust_remote_code: bool,
+        masked_lm: bool,
+    ) -> Backend:
+        """The :class:`tembed.backends.base.BackendFactory` entry point: torch runs ``dtype`` (int8 is refused)."""
+        if precision == "int8":
+            raise ValueError("precision='int8' needs backend='onnx' (or 'auto')")
+        return cls(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, masked_lm=masked_lm)
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
@@ -96,7 +121,6 @@ class TorchBackend:
             release_cached_memory(self.device)
 
 
-def _forward_parameters(model: torch.nn.Module) -> set[str]:
-    import inspect
-
+def forward_parameters(model: torch.nn.Module) -> set[str]:
+    """The names of a model's ``forward`` parameters (whether it takes ``token_type_ids``, say)."""
     return set(inspect.signature(model.forward).parameters)
