@@ -34,7 +34,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from tembed.io.writers import write_durably
+from tembed.io.files import write_durably
+from tembed.io.readers import Cursor, start_cursor
 
 try:
     import fcntl
@@ -68,11 +69,25 @@ class ResumeError(Exception):
 
 @dataclass
 class Manifest:
-    """What a partial run has done so far."""
+    """What a partial run has done so far (saved as ``manifest.json``, every field a JSON value).
+
+    Attributes:
+        input: the input's :func:`~tembed.io.formats.fingerprint` (``{"path": "-"}`` for stdin).
+        options: the run's options that the vectors depend on (model, kind, fields, formats, outputs, ...).
+        cursor: the reader's :data:`~tembed.io.readers.Cursor` after the last chunk recorded.
+        parts: the part files written, in order (names inside the partial folder).
+        reject_files: the rejects files written, in order (names inside the partial folder).
+        rows / rejected / tokens: records written, records rejected, tokens encoded, so far.
+        seconds: encoding time so far, across resumed runs.
+        input_done: whether the whole input has been read (only the merge is left).
+        model: what the loaded model resolved to: ``{"backend", "device", "files"}`` (``files``: see
+            :func:`model_fingerprint`); empty until the model has loaded.
+        version: :data:`MANIFEST_VERSION` of the writer.
+    """
 
     input: dict[str, Any]
     options: dict[str, Any]
-    cursor: dict[str, int] = field(default_factory=lambda: {"offset": 0, "line": 0, "row": 0})
+    cursor: Cursor = field(default_factory=start_cursor)
     parts: list[str] = field(default_factory=list)
     reject_files: list[str] = field(default_factory=list)
     rows: int = 0
@@ -80,15 +95,22 @@ class Manifest:
     tokens: int = 0
     seconds: float = 0.0
     input_done: bool = False
-    model: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, str] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
 
     def to_json(self) -> bytes:
+        """Returns the manifest as indented UTF-8 JSON, keys sorted: the bytes of ``manifest.json``."""
         return json.dumps(self.__dict__, indent=1, sort_keys=True).encode()
 
 
 class PartialRun:
-    """The ``OUTPUT.partial`` folder of one output path."""
+    """The ``OUTPUT.partial`` folder of one output path.
+
+    Attributes:
+        output: the output path.
+        directory: ``OUTPUT.partial``.
+        manifest_path: ``OUTPUT.partial/manifest.json``.
+    """
 
     def __init__(self, output: str) -> None:
         self.output = output
@@ -96,14 +118,19 @@ class PartialRun:
         self.manifest_path = os.path.join(self.directory, "manifest.json")
 
     def exists(self) -> bool:
+        """Returns whether the partial folder exists (with or without a manifest)."""
         return os.path.isdir(self.directory)
 
-    def load(self) -> Manifest:
+    def load(self) -> Manifest | None:
+        """Returns the manifest on disk, or None when there is none yet (a run killed before saving its first one).
+
+        Raises :class:`ResumeError` when it is unreadable or was written by another manifest version.
+        """
         try:
             with open(self.manifest_path, encoding="utf-8") as handle:
                 data = json.load(handle)
         except FileNotFoundError:
-            return None  # type: ignore[return-value]
+            return None
         except (OSError, ValueError) as error:
             raise ResumeError(f"{self.manifest_path} is unreadable ({error}); remove {self.directory}") from None
         if data.get("version") != MANIFEST_VERSION:
@@ -114,7 +141,7 @@ class PartialRun:
         return Manifest(**data)
 
     def start(self, manifest: Manifest) -> None:
-        """Begin a fresh run: an empty folder holding only the manifest."""
+        """Begin a fresh run: an empty folder holding only the manifest. Returns None."""
         if self.exists():
             shutil.rmtree(self.directory)
         os.makedirs(self.directory)
@@ -146,8 +173,9 @@ class PartialRun:
         self.drop_unrecorded(manifest)
         return manifest
 
-    def check_model(self, manifest: Manifest, model: dict[str, Any], model_path: str) -> None:
-        """Refuse to continue with another backend, device type or model files than the interrupted run's.
+    def check_model(self, manifest: Manifest, model: dict[str, str], model_path: str) -> None:
+        """Refuse to continue with another backend, device type or model files than the interrupted run's: returns
+        None when ``model`` equals ``manifest.model``, raises :class:`ResumeError` otherwise.
 
         ``model`` is what the loaded model resolved to (see :func:`model_fingerprint`); a difference is named.
         """
@@ -166,7 +194,8 @@ class PartialRun:
         )
 
     def drop_unrecorded(self, manifest: Manifest) -> None:
-        """Delete what the manifest does not name: a part written after its last update, temporary files."""
+        """Delete what the manifest does not name: a part written after its last update, temporary files.
+        Returns None."""
         known = set(manifest.parts) | set(manifest.reject_files) | {"manifest.json"}
         for name in os.listdir(self.directory):
             if name not in known:  # written after the last manifest update: redone from the cursor
@@ -177,21 +206,24 @@ class PartialRun:
                     os.remove(path)
 
     def path(self, name: str) -> str:
+        """Returns the path of the file ``name`` inside the partial folder."""
         return os.path.join(self.directory, name)
 
     def save(self, manifest: Manifest) -> None:
+        """Replace ``manifest.json`` atomically and durably (see :func:`~tembed.io.files.atomic_write`)."""
         write_durably(self.manifest_path, manifest.to_json())
 
     def remove(self) -> None:
+        """Delete the partial folder and everything in it, if it exists."""
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def model_fingerprint(model_path: str) -> str:
-    """A key for a model folder's files: the names, sizes, mtimes and first MiB of every weight, config and
-    tokenizer file, subfolders included (``1_Pooling/config.json`` changes the vectors too).
+    """Returns a key (24 hex characters) for a model folder's files: the names, sizes, mtimes and first MiB of
+    every weight, config and tokenizer file, subfolders included (``1_Pooling/config.json`` changes the vectors too).
 
-    (``onnx_backend._fingerprint`` is a cache key for exports: it mixes in the torch and transformers versions and
-    reads the top folder only, so it is not reused here.)
+    (:func:`tembed.backends.export.fingerprint` is a cache key for exports: it hashes the top folder's file
+    contents and mixes in the torch and transformers versions, so it is not reused here.)
     """
     digest = hashlib.sha256()
     for root, folders, names in os.walk(model_path):
@@ -239,7 +271,8 @@ class OutputLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock, or raise :class:`OutputLocked` (naming the holder's pid) at once: never waits.
+        """Take the lock (returns None), or raise :class:`OutputLocked` (naming the holder's pid) at once: never
+        waits.
 
         OSError: the lock file cannot be created (a read-only or full file system, no permission).
         """
@@ -284,7 +317,8 @@ class OutputLock:
         self._fd = fd
 
     def release(self) -> None:
-        """Remove the lock file and drop the lock (removed first, while still held: see :meth:`acquire`)."""
+        """Remove the lock file and drop the lock (removed first, while still held: see :meth:`acquire`). Returns None;
+        a no-op when the lock is not held."""
         if self._fd is None:
             return
         with contextlib.suppress(OSError):

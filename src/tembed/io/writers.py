@@ -1,29 +1,53 @@
-"""Writing embeddings: parquet row groups per chunk, durable part files, and the final atomic merge.
+"""Writing embeddings: parquet row groups per chunk, durable part files, and the final merge.
 
-Columns of a parquet output:
+Columns of a parquet output (and of each part file), in this order:
 
-* ``id``: string;
+* ``id``: ``string``, not null;
 * ``dense``: ``fixed_size_list<float32, dim>`` (a list of float32 per row);
 * ``sparse_ids`` / ``sparse_weights``: ``list<int32>`` / ``list<float32>``, token ids ascending (``--sparse``);
 * ``colbert``: ``list<fixed_size_list<float32, dim>>``, one vector per token (``--colbert``).
 
+The schema's metadata holds, under the key ``b"tembed"``, the run's options as JSON.
+
 A ``.npy`` output holds the dense ``(n, dim)`` float32 matrix; its ids go one per line to ``NAME.ids.txt``.
+Skipped records go, one JSON object per line (``{"input", "line", "reason"}``), to ``NAME.rejects.jsonl``.
+
+Every file is written through :mod:`tembed.io.files` (fsync before rename); :func:`write_durably` is re-exported
+from there.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-OUTPUT_FORMATS: tuple[str, ...] = ("parquet", "npy")
+from tembed.io.files import atomic_write, synced_file, write_durably
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from tembed.outputs import EncodeOutputs, SparseVector
+
+__all__ = [
+    "chunk_table",
+    "ids_path",
+    "merge_npy",
+    "merge_parquet",
+    "output_format",
+    "rejects_path",
+    "schema",
+    "write_durably",
+    "write_part",
+]
 
 
 def output_format(path: str) -> str:
-    """``"parquet"`` or ``"npy"`` from the output's suffix; ValueError otherwise."""
+    """Returns ``"parquet"`` (suffix ``.parquet`` / ``.pq``) or ``"npy"`` (``.npy``) from the output's suffix;
+    raises ValueError for any other suffix."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix in (".parquet", ".pq"):
         return "parquet"
@@ -33,17 +57,21 @@ def output_format(path: str) -> str:
 
 
 def ids_path(output: str) -> str:
-    """Where the ids of a ``.npy`` output go: ``emb.npy`` -> ``emb.ids.txt``."""
+    """Returns where the ids of a ``.npy`` output go: ``emb.npy`` -> ``emb.ids.txt``."""
     return os.path.splitext(output)[0] + ".ids.txt"
 
 
 def rejects_path(output: str) -> str:
-    """Where skipped records are listed: ``emb.parquet`` -> ``emb.rejects.jsonl``."""
+    """Returns where skipped records are listed: ``emb.parquet`` -> ``emb.rejects.jsonl``."""
     return os.path.splitext(output)[0] + ".rejects.jsonl"
 
 
-def schema(outputs: Sequence[str], dim: int, colbert_dim: int | None = None, metadata: dict | None = None) -> Any:
-    """The arrow schema of an output with these columns."""
+def schema(
+    outputs: Sequence[str], dim: int, colbert_dim: int | None = None, metadata: Mapping[str, object] | None = None
+) -> pa.Schema:
+    """Returns the arrow schema of an output holding ``outputs`` (names from ``"dense"``, ``"sparse"``,
+    ``"colbert"``): the columns listed in the module docstring, ``dim`` wide for dense and ``colbert_dim`` (default
+    ``dim``) for ColBERT, with ``metadata`` as JSON under the key ``b"tembed"`` when given."""
     import pyarrow as pa
 
     fields = [pa.field("id", pa.string(), nullable=False)]
@@ -58,110 +86,102 @@ def schema(outputs: Sequence[str], dim: int, colbert_dim: int | None = None, met
     return pa.schema(fields, metadata=encoded)
 
 
-def chunk_table(ids: Sequence[str], result: Any, table_schema: Any) -> Any:
-    """An arrow table of one encoded chunk (``result``: an :class:`~tembed.outputs.EncodeOutputs`)."""
+def chunk_table(ids: Sequence[str], result: EncodeOutputs, table_schema: pa.Schema) -> pa.Table:
+    """Returns the arrow table of one encoded chunk: one row per id, in order, with the columns of
+    ``table_schema`` (see :func:`schema`) filled from ``result``, the outputs of encoding the chunk's texts."""
     import pyarrow as pa
 
-    columns: list[Any] = [pa.array(list(ids), type=pa.string())]
+    columns: list[pa.Array] = [pa.array(list(ids), type=pa.string())]
     names = table_schema.names
     if "dense" in names:
+        if result.dense is None:
+            raise ValueError("the schema has a dense column but the result has no dense output")
         dense = np.ascontiguousarray(result.dense, dtype=np.float32)
         columns.append(pa.FixedSizeListArray.from_arrays(pa.array(dense.reshape(-1)), dense.shape[1]))
     if "sparse_ids" in names:
-        offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-        token_ids: list[int] = []
-        weights: list[float] = []
-        for row, vector in enumerate(result.sparse):
-            for token in sorted(vector):
-                token_ids.append(int(token))
-                weights.append(float(vector[token]))
-            offsets[row + 1] = len(token_ids)
-        columns.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(token_ids, type=pa.int32())))
-        columns.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(weights, type=pa.float32())))
+        if not isinstance(result.sparse, list):
+            raise ValueError("the schema has sparse columns but the result has no per-text sparse vectors")
+        columns.extend(_sparse_columns(len(ids), result.sparse))
     if "colbert" in names:
+        if result.colbert is None:
+            raise ValueError("the schema has a colbert column but the result has no colbert output")
         width = table_schema.field("colbert").type.value_type.list_size
-        counts = [len(vectors) for vectors in result.colbert]
-        offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-        np.cumsum(counts, out=offsets[1:])
-        flat = (
-            np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in result.colbert])
-            if sum(counts)
-            else np.zeros(0, dtype=np.float32)
-        )
-        inner = pa.FixedSizeListArray.from_arrays(pa.array(flat), width)
-        columns.append(pa.ListArray.from_arrays(pa.array(offsets), inner))
+        columns.append(_colbert_column(len(ids), result.colbert, width))
     return pa.Table.from_arrays(columns, schema=table_schema)
 
 
-def fsync_dir(path: str) -> None:
-    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _sparse_columns(rows: int, vectors: Sequence[SparseVector]) -> tuple[pa.Array, pa.Array]:
+    """The ``sparse_ids`` (``list<int32>``) and ``sparse_weights`` (``list<float32>``) columns, ids ascending."""
+    import pyarrow as pa
+
+    offsets = np.zeros(rows + 1, dtype=np.int32)
+    token_ids: list[int] = []
+    weights: list[float] = []
+    for row, vector in enumerate(vectors):
+        for token in sorted(vector):
+            token_ids.append(int(token))
+            weights.append(float(vector[token]))
+        offsets[row + 1] = len(token_ids)
+    return (
+        pa.ListArray.from_arrays(pa.array(offsets), pa.array(token_ids, type=pa.int32())),
+        pa.ListArray.from_arrays(pa.array(offsets), pa.array(weights, type=pa.float32())),
+    )
 
 
-def write_durably(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file, fsync, then ``os.replace``."""
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+def _colbert_column(rows: int, matrices: Sequence[np.ndarray] | np.ndarray, width: int) -> pa.Array:
+    """The ``colbert`` column (``list<fixed_size_list<float32, width>>``): per text its ``(tokens, width)`` matrix."""
+    import pyarrow as pa
+
+    counts = [len(vectors) for vectors in matrices]
+    offsets = np.zeros(rows + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    flat = (
+        np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in matrices])
+        if sum(counts)
+        else np.zeros(0, dtype=np.float32)
+    )
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat), width)
+    return pa.ListArray.from_arrays(pa.array(offsets), inner)
 
 
-def write_part(path: str, table: Any) -> None:
-    """Write one chunk as a single-row-group parquet file, durably and atomically."""
+def write_part(path: str, table: pa.Table) -> None:
+    """Write one chunk's table to ``path`` as a parquet file of a single row group, with :func:`atomic_write`.
+    Returns None; the file holds ``table``'s columns (see the module docstring)."""
     import pyarrow.parquet as pq
 
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as handle:
-        pq.write_table(table, handle, row_group_size=max(table.num_rows, 1))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    atomic_write(path, lambda handle: pq.write_table(table, handle, row_group_size=max(table.num_rows, 1)))
 
 
-def merge_parquet(parts: Iterable[str], destination: str, table_schema: Any) -> None:
-    """Concatenate part files into one parquet file at ``destination``, one row group per part."""
+def merge_parquet(parts: Iterable[str], destination: str, table_schema: pa.Schema) -> None:
+    """Concatenate part files, in order, into one parquet file at ``destination`` (fsynced, not renamed), one row
+    group per non-empty part, with ``table_schema``'s columns and metadata. Returns None."""
     import pyarrow.parquet as pq
 
-    with open(destination, "wb") as handle:
-        with pq.ParquetWriter(handle, table_schema) as writer:
-            for part in parts:
-                table = pq.read_table(part, schema=table_schema)
-                if table.num_rows:
-                    writer.write_table(table, row_group_size=table.num_rows)
-        handle.flush()
-        os.fsync(handle.fileno())
+    with synced_file(destination) as handle, pq.ParquetWriter(handle, table_schema) as writer:
+        for part in parts:
+            table = pq.read_table(part, schema=table_schema)
+            if table.num_rows:
+                writer.write_table(table, row_group_size=table.num_rows)
 
 
 def merge_npy(parts: Sequence[str], destination: str, ids_destination: str, rows: int, dim: int) -> None:
-    """Build an ``(rows, dim)`` float32 ``.npy`` and its ids file from part files, one part in memory at a time."""
+    """Build, from part files in order, a ``.npy`` at ``destination`` holding the ``(rows, dim)`` float32 dense
+    matrix and a UTF-8 text file at ``ids_destination`` holding the ids, one per line; both fsynced, not renamed.
+    One part is in memory at a time. Returns None; RuntimeError when the parts do not hold ``rows`` rows."""
     import pyarrow.parquet as pq
 
     matrix = np.lib.format.open_memmap(destination, mode="w+", dtype=np.float32, shape=(rows, dim))
     written = 0
-    with open(ids_destination, "w", encoding="utf-8", newline="\n") as ids_handle:
+    with synced_file(ids_destination) as ids_handle:
         for part in parts:
             table = pq.read_table(part, columns=["id", "dense"])
             count = table.num_rows
             if count:
                 flat = table.column("dense").combine_chunks().flatten().to_numpy(zero_copy_only=False)
                 matrix[written : written + count] = flat.reshape(count, dim)
-                ids_handle.writelines(f"{identifier}\n" for identifier in table.column("id").to_pylist())
+                ids = "".join(f"{identifier}\n" for identifier in table.column("id").to_pylist())
+                ids_handle.write(ids.encode("utf-8"))
             written += count
-        ids_handle.flush()
-        os.fsync(ids_handle.fileno())
     if written != rows:
         raise RuntimeError(f"the parts hold {written} rows, the manifest says {rows}")
     matrix.flush()
