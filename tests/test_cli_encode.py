@@ -1,7 +1,8 @@
 """``tembed encode``: every input and output format on real text, resume after SIGKILL, bad input, stdin.
 
-Runs go through the real command line (typer's CliRunner, in-process) with one model shared between runs; the
-SIGKILL test runs ``python -m tembed.cli encode`` as a subprocess and kills it mid-run.
+Runs go through the real command line (typer's CliRunner, in-process) with one encoder per distinct set of model
+options shared between runs (``tembed.cli.encode.open_job_encoder`` replaced); the SIGKILL test runs
+``python -m tembed.cli encode`` as a subprocess and kills it mid-run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from tembed import cli
+from tembed.cli import app
+from tembed.cli import encode as cli_encode
 from tembed.io.readers import Reader
 
 from realdata import insuranceqa_answers, sts_b_sentences
@@ -29,26 +31,42 @@ MAX_LENGTH = 32
 INPUT_FORMATS = ("jsonl", "csv", "tsv", "parquet", "txt")
 
 
+class SharedEncoder:
+    """An encoder shared between runs: the run's close() leaves it open (the fixture closes it at the end)."""
+
+    def __init__(self, encoder) -> None:
+        self.encoder = encoder
+
+    @property
+    def settings(self):
+        return self.encoder.settings
+
+    def encode(self, texts, options):
+        return self.encoder.encode(texts, options)
+
+    def close(self) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
 def shared_models():
-    """Load each model once for the whole module: the CLI's loader returns a cached Embedder."""
-    from tembed import Embedder
+    """Open each model once for the whole module: the CLI's opener returns a cached encoder, one per distinct
+    (model options, devices): the model, backend, precision, batch size, outputs and devices of a run."""
+    from tembed.encoder import open_encoder
 
     cache: dict = {}
 
-    def open_embedder(model, **kwargs):
-        kwargs.pop("backend", None)
-        key = (model, tuple(kwargs["outputs"]))
+    def open_job_encoder(config, device):
+        key = (config, tuple(device) if isinstance(device, list) else device)
         if key not in cache:
-            cache[key] = Embedder(model, **kwargs)
-        return cache[key]
+            cache[key] = open_encoder(config, device)
+        return SharedEncoder(cache[key])
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "_open_embedder", open_embedder)
-        patch.setattr(cli, "_close_embedder", lambda embedder: None)
+        patch.setattr(cli_encode, "open_job_encoder", open_job_encoder)
         yield cache
-    for embedder in cache.values():
-        embedder.close()
+    for encoder in cache.values():
+        encoder.close()
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +83,7 @@ def expected(minilm, corpus) -> np.ndarray:
 
 
 def invoke(*args: str, stdin: bytes | None = None):
-    return CliRunner().invoke(cli.app, ["encode", *args], input=stdin, catch_exceptions=False)
+    return CliRunner().invoke(app, ["encode", *args], input=stdin, catch_exceptions=False)
 
 
 def encode_ok(*args: str, stdin: bytes | None = None):

@@ -1,7 +1,8 @@
 """``tembed encode`` hardening: the output lock, output = input, resume across a model change, a full or read-only
 output, stdin interrupts, model load errors and a folder given as the input (issue 10).
 
-Runs go through the real command line (typer's CliRunner, in-process) with one torch model shared between runs;
+Runs go through the real command line (typer's CliRunner, in-process) with one torch encoder per set of model
+options shared between runs (``tembed.cli.encode.open_job_encoder`` replaced);
 the lock test runs a second, real ``python -m tembed.cli encode`` process.
 """
 
@@ -20,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from tembed import cli
+from tembed.cli import app
+from tembed.cli import encode as cli_encode
 from test_cli_encode import interrupt_at_part
 
 from realdata import sts_b_sentences
@@ -32,39 +33,42 @@ MAX_LENGTH = 32
 
 
 class _Reports:
-    """The shared torch CPU model, reporting the backend and device a run asked for (to test --resume's checks
-    without an ONNX export or a GPU)."""
+    """The shared torch CPU encoder, reporting the backend and device a run asked for (to test --resume's checks
+    without an ONNX export or a GPU); closing it leaves it open for the next run."""
 
-    def __init__(self, embedder, backend_name: str, device) -> None:
-        self._embedder = embedder
-        self.backend_name = backend_name
-        self.device = device
+    def __init__(self, encoder, backend_name: str, device: str) -> None:
+        self._encoder = encoder
+        self.settings = encoder.settings.replace(backend=backend_name, device=device)
 
-    def __getattr__(self, name):
-        return getattr(self._embedder, name)
+    def encode(self, texts, options):
+        return self._encoder.encode(texts, options)
+
+    def close(self) -> None:
+        pass
 
 
 @pytest.fixture(scope="module")
 def loads():
-    """Replace the CLI's loader: one torch Embedder per (model, outputs), shared between runs; counts the loads."""
-    from tembed import Embedder
+    """Replace the CLI's opener: one torch CPU encoder per distinct set of model options (the backend aside),
+    shared between runs; counts the loads."""
+    from tembed.encoder import open_encoder
 
     cache: dict = {}
     calls: list = []
 
-    def open_embedder(model, *, backend="auto", device=None, **kwargs):
-        calls.append(model)
-        key = (model, tuple(kwargs["outputs"]))
+    def open_job_encoder(config, device):
+        calls.append(config.model)
+        key = config.replace(backend="torch")
         if key not in cache:
-            cache[key] = Embedder(model, backend="torch", device="cpu", **kwargs)
-        return _Reports(cache[key], "torch" if backend == "auto" else backend, torch.device(device or "cpu"))
+            cache[key] = open_encoder(key, "cpu")
+        reported = ",".join(device) if isinstance(device, list) else device or "cpu"
+        return _Reports(cache[key], "torch" if config.backend == "auto" else config.backend, reported)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "_open_embedder", open_embedder)
-        patch.setattr(cli, "_close_embedder", lambda embedder: None)
+        patch.setattr(cli_encode, "open_job_encoder", open_job_encoder)
         yield calls
-    for embedder in cache.values():
-        embedder.close()
+    for encoder in cache.values():
+        encoder.close()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +77,7 @@ def rows() -> list[tuple[str, str]]:
 
 
 def invoke(*args: str, stdin: bytes | None = None):
-    return CliRunner().invoke(cli.app, ["encode", *args], input=stdin, catch_exceptions=False)
+    return CliRunner().invoke(app, ["encode", *args], input=stdin, catch_exceptions=False)
 
 
 def encode_ok(*args: str, stdin: bytes | None = None):
@@ -413,10 +417,10 @@ def test_bad_record_on_stdin_advises_restart(loads, minilm_path, rows, tmp_path)
     [RuntimeError("ONNX export failed\nTraceback-like detail"), ImportError("No module named 'openvino'")],
 )
 def test_model_load_errors_are_one_line(rows, tmp_path, monkeypatch, error):
-    def fail(model, **kwargs):
+    def fail(config, device):
         raise error
 
-    monkeypatch.setattr(cli, "_open_embedder", fail)
+    monkeypatch.setattr(cli_encode, "open_job_encoder", fail)
     source = write_jsonl(tmp_path / "c.jsonl", rows[:5])
     output = str(tmp_path / "out.parquet")
     result = invoke(source, "-o", output, "-m", "some-model", "--backend", "openvino")

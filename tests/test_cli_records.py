@@ -19,7 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tembed import cli
+from tembed.cli import encode as cli_encode
+from tembed.jobs import corpus as corpus_job
+from tembed.jobs.records import IdHashes, chunks
 from test_cli_encode import (
     MAX_LENGTH,
     corpus,
@@ -84,35 +86,28 @@ def test_lone_surrogate_is_a_bad_record(shared_models, minilm, minilm_path, tmp_
 
 # ------------------------------------------------------------------------------------------- encode failures
 def _shared_minilm(shared_models, minilm_path):
-    """The MiniLM Embedder that every run of this module shares (as test_cli_encode.py loads it)."""
-    embedder = cli._open_embedder(
-        minilm_path,
-        device=None,
-        precision="auto",
-        batch_size=None,
-        outputs=("dense",),
-        show_progress_bar=False,
-        backend="auto",
-    )
-    assert shared_models[(minilm_path, ("dense",))] is embedder
-    return embedder
+    """The MiniLM encoder that every run of this module shares (as test_cli_encode.py opens it)."""
+    config = cli_encode.encoder_config(minilm_path, "auto", "auto", None, ("dense",), False)
+    shared = cli_encode.open_job_encoder(config, None)
+    assert shared_models[(config, None)] is shared.encoder
+    return shared.encoder
 
 
 @pytest.fixture
 def failing_marker(shared_models, minilm_path, monkeypatch):
-    """The shared MiniLM's encode_corpus raises for any batch holding a text with MARKER in it."""
-    embedder = _shared_minilm(shared_models, minilm_path)
-    real = embedder.encode_corpus
+    """The shared MiniLM encoder raises for any call holding a text with MARKER in it."""
+    encoder = _shared_minilm(shared_models, minilm_path)
+    real = encoder.encode
     calls = []
 
-    def encode_corpus(texts, **kwargs):
+    def encode(texts, options=None):
         calls.append(len(texts))
         for text in texts:
             if "MARKER" in text:
                 raise ValueError(f"cannot encode {text!r}")
-        return real(texts, **kwargs)
+        return real(texts, options)
 
-    monkeypatch.setattr(embedder, "encode_corpus", encode_corpus)
+    monkeypatch.setattr(encoder, "encode", encode)
     return calls
 
 
@@ -289,7 +284,7 @@ def test_unique_ids_across_a_resume(shared_models, minilm_path, tmp_path):
 
 def test_id_hashes_count_and_lines_match_a_set():
     rng = np.random.default_rng(0)
-    known = cli._IdHashes(keep_lines=True)
+    known = IdHashes(keep_lines=True)
     seen: dict[str, int] = {}
     line = 0
     for _ in range(40):
@@ -322,7 +317,7 @@ def test_colbert_chunks_are_bounded_by_output_bytes(shared_models, tiny_m3_path,
     assert pq.ParquetFile(unbounded).num_row_groups == 1
 
     # tiny M3: 32-d ColBERT vectors, 128 bytes a token; texts of 10-48 tokens: a few records per 20 kB chunk
-    monkeypatch.setattr(cli, "CHUNK_OUTPUT_BYTES", 20_000)
+    monkeypatch.setattr(corpus_job, "CHUNK_OUTPUT_BYTES", 20_000)
     bounded = str(tmp_path / "bounded.parquet")
     encode_ok(source, "-o", bounded, *common)
     groups = pq.ParquetFile(bounded)
@@ -359,8 +354,8 @@ def assert_same_output(path: str, reference: str) -> None:
 
 def test_chunks_end_after_the_item_that_reaches_the_budget():
     items = [type("R", (), {"size": size})() for size in (5, 5, 11, 1, 1, 1, 30, 2)]
-    chunks = list(cli._chunks(iter(items), 4, lambda record: record.size, 10))
-    assert [[item.size for item in chunk] for chunk in chunks] == [[5, 5], [11], [1, 1, 1, 30], [2]]
+    parts = list(chunks(iter(items), 4, lambda record: record.size, 10))
+    assert [[item.size for item in chunk] for chunk in parts] == [[5, 5], [11], [1, 1, 1, 30], [2]]
 
 
 # ------------------------------------------------------------------------------------------- docs and summary
@@ -372,7 +367,7 @@ def _docs(name: str) -> str:
 def test_docs_state_the_cli_defaults():
     import inspect
 
-    defaults = {name: p.default.default for name, p in inspect.signature(cli.encode_command).parameters.items()}
+    defaults = {name: p.default for name, p in inspect.signature(cli_encode.encode_command).parameters.items()}
     row = next(line for line in _docs("cli.md").splitlines() if line.startswith("| `--device`, `--precision`"))
     documented = [cell.strip().strip("`") for cell in row.split("|")[2].split(",")]
     assert documented[1:] == [defaults["precision"], defaults["backend"]], row
@@ -450,16 +445,16 @@ def test_skip_invalid_does_not_reject_every_record_when_encoding_fails_whatever_
 ):
     """A failure that is not about the texts (a broken device, a closed model) stops the run even with
     --skip-invalid, rather than turning every record into a reject and exiting 0."""
-    embedder = _shared_minilm(shared_models, minilm_path)
-    real, calls = embedder.encode_corpus, []
+    encoder = _shared_minilm(shared_models, minilm_path)
+    real, calls = encoder.encode, []
 
-    def encode_corpus(texts, **kwargs):
+    def encode(texts, options=None):
         calls.append(len(texts))
         if len(calls) > 1:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(texts, **kwargs)
+        return real(texts, options)
 
-    monkeypatch.setattr(embedder, "encode_corpus", encode_corpus)
+    monkeypatch.setattr(encoder, "encode", encode)
     texts = sts_b_sentences("dev")[:300]
     source = write_jsonl(tmp_path / "c.jsonl", [json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(texts)])
     output = str(tmp_path / "out.parquet")

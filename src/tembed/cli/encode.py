@@ -1,0 +1,236 @@
+"""``tembed encode INPUT -o OUTPUT``: the options parsed into a :class:`~tembed.jobs.plan.CorpusRequest`, an
+:class:`~tembed.settings.EmbedderConfig`, :class:`~tembed.settings.EncodeOptions` and
+:class:`~tembed.jobs.corpus.JobOptions`, then the corpus job run (:mod:`tembed.jobs`).
+
+The model is opened through :func:`open_job_encoder` (one device, or a worker pool for ``--device cpu,cpu`` /
+``cuda:0,cuda:1``): the one place tests replace to share a model between runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Iterator
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from tembed.cli.common import DEVICE_HELP, MODEL_HELP, TRUST_REMOTE_CODE_HELP, parse_device
+from tembed.jobs import DEFAULT_CHUNK_SIZE
+from tembed.models.registry import DEFAULT_MODEL
+from tembed.types import Role
+
+if TYPE_CHECKING:
+    from tembed.encoder import Encoder
+    from tembed.jobs.corpus import JobOptions
+    from tembed.jobs.plan import CorpusRequest
+    from tembed.settings import EmbedderConfig, EncodeOptions
+
+KIND_HELP = "passage (corpus instruction and length), query, or plain (no instruction)."
+
+# The options, as typer reads them from the annotations (their defaults are in encode_command's signature).
+Input = Annotated[
+    str, typer.Argument(metavar="INPUT", help="A .jsonl, .csv, .tsv, .parquet or .txt file; - for stdin.")
+]
+Output = Annotated[str, typer.Option("--output", "-o", help="Where to write: a .parquet or .npy file.")]
+Model = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
+Kind = Annotated[Role, typer.Option("--kind", help=KIND_HELP)]
+TextField = Annotated[str, typer.Option("--text-field", help="Field / column holding the text.")]
+IdField = Annotated[str, typer.Option("--id-field", help="Field / column holding the id; else line numbers.")]
+TitleField = Annotated[
+    str, typer.Option("--title-field", help='Field joined before the text as f"{title} {text}"; "" for none.')
+]
+Format = Annotated[
+    str | None,
+    typer.Option(
+        "--format", help="Input format (jsonl, csv, tsv, parquet, txt); default: from the suffix, stdin: jsonl."
+    ),
+]
+Dense = Annotated[bool, typer.Option("--dense", help="Write dense vectors (the default when no output is named).")]
+Sparse = Annotated[bool, typer.Option("--sparse", help="Write sparse lexical weights (BGE-M3, SPLADE).")]
+Colbert = Annotated[bool, typer.Option("--colbert", help="Write ColBERT token vectors (BGE-M3).")]
+Device = Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " (default: the first GPU, else cpu).")]
+Backend = Annotated[
+    str, typer.Option("--backend", help="auto (OpenVINO on CPU for encoders, else torch), torch, onnx or openvino.")
+]
+Precision = Annotated[str, typer.Option("--precision", help="auto, fp32, fp16, bf16 or int8 (CPU).")]
+BatchSize = Annotated[
+    int | None,
+    typer.Option("--batch-size", min=1, help="Most texts per forward pass (default: 64 on the CPU, 256 on GPUs)."),
+]
+MaxLength = Annotated[
+    int | None, typer.Option("--max-length", min=1, help="Most tokens per text (default: the model's).")
+]
+ChunkSize = Annotated[int, typer.Option("--chunk-size", min=1, help="Records per row group and per resume checkpoint.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run on the same input and options.")]
+Restart = Annotated[bool, typer.Option("--restart", help="Discard an interrupted run's partial results first.")]
+SkipInvalid = Annotated[
+    bool,
+    typer.Option(
+        "--skip-invalid", help="Skip bad records, listing them in OUTPUT's .rejects.jsonl, instead of stopping."
+    ),
+]
+UniqueIds = Annotated[
+    bool,
+    typer.Option(
+        "--unique-ids", help="A record whose id an earlier record has is a bad record (default: counted only)."
+    ),
+]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE_HELP)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")]
+
+
+def open_job_encoder(config: EmbedderConfig, device: str | list[str] | None) -> Encoder:
+    """The run's encoder: a :class:`~tembed.local_encoder.LocalEncoder` on one device, an
+    :class:`~tembed.pool.EmbedderPool` on several. Tests replace this to share one model between runs."""
+    from tembed.encoder import open_encoder
+
+    return open_encoder(config, device)
+
+
+def encode_command(
+    input_path: Input,
+    output: Output,
+    model: Model = DEFAULT_MODEL,
+    kind: Kind = Role.PASSAGE,
+    text_field: TextField = "text",
+    id_field: IdField = "id",
+    title_field: TitleField = "title",
+    input_format: Format = None,
+    dense: Dense = False,
+    sparse: Sparse = False,
+    colbert: Colbert = False,
+    device: Device = None,
+    backend: Backend = "auto",
+    precision: Precision = "auto",
+    batch_size: BatchSize = None,
+    max_length: MaxLength = None,
+    chunk_size: ChunkSize = DEFAULT_CHUNK_SIZE,
+    resume: Resume = False,
+    restart: Restart = False,
+    skip_invalid: SkipInvalid = False,
+    unique_ids: UniqueIds = False,
+    trust_remote_code: TrustRemoteCode = False,
+    quiet: Quiet = False,
+) -> None:
+    """Embed a corpus file to parquet or npy: streamed, checkpointed per chunk, resumable with --resume."""
+    from tembed.jobs.corpus import JobOptions
+    from tembed.jobs.errors import EXIT_INTERRUPTED, EXIT_REFUSED, JobError, JobInterrupted
+    from tembed.jobs.plan import CorpusRequest
+    from tembed.progress import stderr_is_terminal
+    from tembed.settings import EncodeOptions
+
+    devices = parse_device(device)
+    request = CorpusRequest(input_path, output, input_format, text_field, id_field, title_field, resume, restart)
+    wanted = tuple(name for name, on in (("dense", dense), ("sparse", sparse), ("colbert", colbert)) if on)
+    job_options = JobOptions(chunk_size, skip_invalid, unique_ids, quiet, progress=stderr_is_terminal())
+    try:
+        config = encoder_config(model, backend, precision, batch_size, wanted or ("dense",), trust_remote_code)
+        options = EncodeOptions(role=kind, max_length=max_length, outputs=wanted or ("dense",))
+    except (TypeError, ValueError) as error:  # an option EmbedderConfig / EncodeOptions refuses
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(EXIT_REFUSED) from None
+    with _sigterm_as_keyboard_interrupt():
+        try:
+            with contextlib.ExitStack() as held:  # what the run holds to its end (the output's lock), released last
+                run_encode(request, config, options, job_options, devices, held)
+        except JobError as stop:
+            typer.echo(f"error: {stop}", err=True)
+            raise typer.Exit(stop.code) from None
+        except JobInterrupted as stopped:
+            typer.echo(str(stopped), err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def encoder_config(
+    model: str,
+    backend: str,
+    precision: str,
+    batch_size: int | None,
+    outputs: tuple[str, ...],
+    trust_remote_code: bool,
+) -> EmbedderConfig:
+    """The model options of a run, as :func:`open_job_encoder` receives them."""
+    from tembed.settings import EmbedderConfig
+
+    return EmbedderConfig(
+        model=model,
+        backend=backend,
+        precision=precision,
+        batch_size=batch_size,
+        outputs=outputs,
+        show_progress_bar=False,
+        trust_remote_code=trust_remote_code or None,  # unset: the registry decides
+    )
+
+
+def run_encode(
+    request: CorpusRequest,
+    config: EmbedderConfig,
+    options: EncodeOptions,
+    job_options: JobOptions,
+    device: str | list[str] | None,
+    held: contextlib.ExitStack,
+) -> None:
+    """Check and lock (before the model loads), open the encoder, check it against an interrupted run, run the job.
+
+    Raises:
+        JobError, JobInterrupted: see :meth:`tembed.jobs.corpus.CorpusJob.run`.
+    """
+    import dataclasses
+
+    from tembed.io.readers import count_items
+    from tembed.jobs.corpus import CorpusJob
+    from tembed.jobs.errors import EXIT_REFUSED, JobError, one_line
+    from tembed.jobs.plan import prepare
+
+    prepared = prepare(request, config, options, held)
+    started = time.perf_counter()
+    try:
+        encoder = open_job_encoder(config, device)
+    except Exception as error:  # any loader failure (a failed ONNX export too) in one line; not KeyboardInterrupt
+        raise JobError(f"cannot load {config.model}: {one_line(error)}", EXIT_REFUSED) from None
+    load_seconds = time.perf_counter() - started
+    try:
+        # What the vectors depend on that is known only now: checked before anything is encoded.
+        checkpoint = prepared.checkpoint(encoder.settings, device if isinstance(device, list) else None)
+        if job_options.progress and not job_options.quiet:
+            job_options = dataclasses.replace(job_options, total=count_items(request.input_path, prepared.in_format))
+        job = CorpusJob(
+            encoder,
+            options,
+            prepared.reader,
+            request.output,
+            prepared.out_format,
+            checkpoint,
+            job_options,
+            report=_say,
+            load_seconds=load_seconds,
+        )
+        job.run()
+    finally:
+        encoder.close()
+
+
+def _say(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_keyboard_interrupt() -> Iterator[None]:
+    """SIGTERM stops a run as cleanly as Ctrl-C (in the main thread; elsewhere signals cannot be set)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
