@@ -6,6 +6,7 @@ skip, unless TEMBED_REQUIRE_REFERENCE=1 (set by ``make test``), in which case th
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from tembed.compat.flagembedding import FlagAutoModel, FlagICLModel, FlagLLMModel, FlagModel
+from tembed.compat.flagembedding import BGEM3FlagModel, FlagAutoModel, FlagICLModel, FlagLLMModel, FlagModel
 
 from realdata import insuranceqa_answers, sts_b_sentences
 
@@ -224,12 +225,16 @@ def _jobs(minilm: str, splade: str, decoders: dict[str, str]) -> list[dict]:
     return jobs
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, minilm_path, splade_path, tiny_decoder_paths, tiny_m3_path):
+def _require_reference_venv() -> None:
     if not os.path.exists(REFERENCE_PYTHON):
         if os.environ.get("TEMBED_REQUIRE_REFERENCE") == "1":
             pytest.fail(f"the FlagEmbedding reference venv is missing ({REFERENCE_PYTHON}); run `make reference-venv`")
         pytest.skip("FlagEmbedding reference venv not built (make reference-venv)")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, minilm_path, splade_path, tiny_decoder_paths, tiny_m3_path):
+    _require_reference_venv()
     folder = tmp_path_factory.mktemp("flag-reference")
     jobs = _jobs(minilm_path, splade_path, tiny_decoder_paths) + _m3_jobs(tiny_m3_path)
     job_file, out_file = folder / "jobs.json", folder / "out.npz"
@@ -271,8 +276,6 @@ def test_same_vectors_as_flagembedding(reference, name):
 
 
 def _m3_model(job: dict):
-    from tembed.compat.flagembedding import BGEM3FlagModel
-
     init = {"use_fp16": False, "devices": "cpu", **job["init"]}
     if job["class"] == "FlagAutoModel":
         return FlagAutoModel.from_finetuned(job["model"], **init)
@@ -335,3 +338,115 @@ def test_m3_pairwise_scores_same_as_flagembedding(reference, name):
     difference = np.abs(ours - expected[name]).max()
     print(f"[parity] {name}: max abs difference {difference:.2e}")
     assert difference <= TOLERANCE
+
+
+# ------------------------------------------------------------------------------------- signatures and arguments
+_SIGNATURE_DUMP = """
+import inspect, json, sys
+import FlagEmbedding
+
+def params(function):
+    return [
+        [p.name, p.kind.name, None if p.default is p.empty else repr(p.default)]
+        for p in inspect.signature(function).parameters.values() if p.name not in ("self", "cls")
+    ]
+
+names = ["FlagModel", "FlagLLMModel", "FlagICLModel", "BGEM3FlagModel"]
+dump = {name: params(getattr(FlagEmbedding, name).__init__) for name in names}
+dump["FlagAutoModel"] = params(FlagEmbedding.FlagAutoModel.from_finetuned)
+json.dump(dump, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def reference_signatures() -> dict[str, list[list]]:
+    _require_reference_venv()
+    result = subprocess.run([REFERENCE_PYTHON, "-c", _SIGNATURE_DUMP], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "cls", [FlagModel, FlagLLMModel, FlagICLModel, BGEM3FlagModel, FlagAutoModel], ids=lambda cls: cls.__name__
+)
+def test_same_positional_parameters_as_flagembedding(reference_signatures, cls):
+    """FlagEmbedding's positional order, names and defaults (None: the class's own default); tembed's extras
+    come after them, and no parameter can be given twice."""
+    theirs = reference_signatures[cls.__name__]
+    function = cls.from_finetuned if cls is FlagAutoModel else cls.__init__
+    ours = [p for p in inspect.signature(function).parameters.values() if p.name not in ("self", "cls")]
+    positional = [p.name for p in ours if p.kind is p.POSITIONAL_OR_KEYWORD]
+    their_positional = [name for name, kind, _ in theirs if kind == "POSITIONAL_OR_KEYWORD"]
+    assert positional[: len(their_positional)] == their_positional
+    defaults = {p.name: p.default for p in ours}
+    for name, _, default in theirs:
+        if default is not None and name in defaults and defaults[name] is not None:
+            assert repr(defaults[name]) == default, f"{cls.__name__}({name}=...): {defaults[name]!r} != {default}"
+
+
+def test_llm_model_takes_flagembedding_positional_arguments(tiny_decoder_paths):
+    """Past ``devices`` come FlagEmbedding's ``trust_remote_code``, ``cache_dir``, ``batch_size``...; the
+    tembed-only ``pooling_method`` is keyword-only, so it cannot be passed twice."""
+    path = tiny_decoder_paths["left"]
+    with FlagLLMModel(path, True, False, False, "Find it", None, "cpu", False, None, 8, 48, 96) as model:
+        assert (model.batch_size, model.query_max_length, model.passage_max_length) == (8, 48, 96)
+        assert model.pooling_method == "last_token"
+        assert model.query_instruction_format == "Instruct: {}\nQuery: {}"
+    with FlagICLModel(path, True, False, False, None, None, "\n<answer>", "cpu", batch_size=5) as model:
+        assert (model.suffix, model.batch_size, model.target_devices) == ("\n<answer>", 5, ["cpu"])
+    with pytest.raises(ValueError, match="last token"):
+        FlagLLMModel(path, devices="cpu", pooling_method="mean")
+
+
+def test_subclasses_forward_every_shared_parameter(tiny_decoder_paths, tiny_m3_path):
+    shared = dict(
+        normalize_embeddings=False,
+        query_instruction_for_retrieval="Q",
+        query_instruction_format="{}: {}",
+        devices="cpu",
+        batch_size=3,
+        query_max_length=40,
+        passage_max_length=50,
+        truncate_dim=16,
+        passage_instruction_for_retrieval="P",
+        passage_instruction_format="{} {}",
+    )
+    for cls, path in ((FlagLLMModel, tiny_decoder_paths["left"]), (FlagICLModel, tiny_decoder_paths["left"])):
+        with cls(path, use_fp16=False, convert_to_numpy=False, **shared) as model:
+            assert {name: getattr(model, name) for name in shared if name != "devices"} == {
+                name: value for name, value in shared.items() if name != "devices"
+            }
+            assert not model.convert_to_numpy and not model.embedder.normalize and model.embedder.truncate_dim == 16
+            assert model.encode_corpus(["a passage"]).shape == (1, 16)
+    with BGEM3FlagModel(tiny_m3_path, use_fp16=False, return_sparse=True, **shared) as model:
+        assert (model.batch_size, model.passage_max_length, model.return_sparse) == (3, 50, True)
+        assert model.passage_instruction_for_retrieval == "P" and model.embedder.truncate_dim == 16
+
+
+def test_tokenizer_is_the_embedders(minilm_path):
+    with FlagModel(minilm_path, devices="cpu", use_fp16=False) as model:
+        assert model.tokenizer is model.embedder.tokenizer.hf
+
+
+def _hub_cache_with(folder, cache_dir, repo_id: str) -> None:
+    """A Hugging Face cache holding ``folder`` as ``repo_id`` (the layout huggingface_hub reads offline)."""
+    import shutil
+
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    revision = "0" * 40
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+
+
+def test_each_model_finds_its_own_cache_dir(minilm_path, tmp_path):
+    first, second = tmp_path / "cache-a", tmp_path / "cache-b"
+    _hub_cache_with(minilm_path, first, "org-a/minilm-copy")
+    _hub_cache_with(minilm_path, second, "org-b/minilm-copy")
+    texts = ["a cat sits on the mat", "stock prices fell sharply"]
+    with FlagModel(minilm_path, devices="cpu") as local:
+        expected = local.encode(texts)
+    for cache, repo_id in ((first, "org-a/minilm-copy"), (second, "org-b/minilm-copy")):
+        with FlagModel(repo_id, devices="cpu", cache_dir=str(cache)) as model:
+            assert model.embedder.resolved.path.startswith(str(cache))  # each model its own cache, not the first's
+            assert np.abs(model.encode(texts) - expected).max() <= 1e-6

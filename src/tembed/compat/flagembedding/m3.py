@@ -23,15 +23,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from tembed.compat.flagembedding import _check_encode_kwargs, _FlagFacade
+from tembed.compat.flagembedding._facade import FlagFacade, Role, base_arguments, check_encode_kwargs
 from tembed.outputs import EncodeOutputs
 from tembed.scoring import colbert_score, lexical_scores
 
-_KEYS = ("dense_vecs", "lexical_weights", "colbert_vecs")
+_IGNORED = ("convert_to_numpy",)  # FlagEmbedding's M3 ignores it too: outputs are numpy
+
+Returns = tuple[bool | None, bool | None, bool | None]
+"""A call's ``(return_dense, return_sparse, return_colbert_vecs)``; None takes the constructor's."""
 
 
-class BGEM3FlagModel(_FlagFacade):
-    """FlagEmbedding's ``BGEM3FlagModel`` (``M3Embedder``) with the same parameters and defaults.
+class BGEM3FlagModel(FlagFacade):
+    """Mirrors ``FlagEmbedding.BGEM3FlagModel`` (``M3Embedder``): same parameters, order and defaults.
+
+    Differs as the module and package docstrings say; ``convert_to_numpy`` is accepted and ignored, as in
+    FlagEmbedding (outputs are numpy), and the passage instruction parameters are tembed's.
 
     Args (beyond ``FlagModel``'s):
         colbert_dim: -1 (the default) takes the ColBERT width from ``colbert_linear.pt``; a positive value must
@@ -69,24 +75,7 @@ class BGEM3FlagModel(_FlagFacade):
         kwargs.pop("convert_to_numpy", None)  # FlagEmbedding's M3 ignores it too: outputs are numpy
         if kwargs:
             raise TypeError(f"BGEM3FlagModel() got unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
-        super().__init__(
-            model_name_or_path,
-            normalize_embeddings=normalize_embeddings,
-            use_fp16=use_fp16,
-            use_bf16=use_bf16,
-            query_instruction_for_retrieval=query_instruction_for_retrieval,
-            query_instruction_format=query_instruction_format,
-            devices=devices,
-            pooling_method=pooling_method,
-            trust_remote_code=trust_remote_code,
-            cache_dir=cache_dir,
-            batch_size=batch_size,
-            query_max_length=query_max_length,
-            passage_max_length=passage_max_length,
-            truncate_dim=truncate_dim,
-            passage_instruction_for_retrieval=passage_instruction_for_retrieval,
-            passage_instruction_format=passage_instruction_format,
-        )
+        super().__init__(**base_arguments(locals()))
         if colbert_dim > 0 and self.embedder.pool is None:
             heads = self.embedder.pipeline.heads.m3_heads
             if heads is not None and heads.colbert_dim != colbert_dim:
@@ -96,38 +85,30 @@ class BGEM3FlagModel(_FlagFacade):
         self.return_colbert_vecs = return_colbert_vecs
 
     # ------------------------------------------------------------------------------------------------ encode
-    def _run_m3(
+    def _encode_m3(
         self,
+        role: Role,
         texts: str | list[str],
-        *,
         batch_size: int | None,
-        max_length: int,
-        instruction: str | None,
-        instruction_format: str,
-        return_dense: bool | None,
-        return_sparse: bool | None,
-        return_colbert_vecs: bool | None,
+        max_length: int | None,
+        returns: Returns,
+        instruction: str | None = None,
+        instruction_format: str | None = None,
     ) -> dict[str, Any]:
-        wanted = {
-            "dense": self.return_dense if return_dense is None else return_dense,
-            "sparse": self.return_sparse if return_sparse is None else return_sparse,
-            "colbert": self.return_colbert_vecs if return_colbert_vecs is None else return_colbert_vecs,
-        }
-        names = tuple(name for name, on in wanted.items() if on)
+        defaults = (self.return_dense, self.return_sparse, self.return_colbert_vecs)
+        wanted = [default if given is None else given for given, default in zip(returns, defaults, strict=True)]
+        names = tuple(name for name, on in zip(self.OUTPUTS, wanted, strict=True) if on)
         if not names:
             raise ValueError("Must choose one or more from `return_colbert_vecs`, `return_sparse`, `return_dense`")
-        result: EncodeOutputs = self.embedder.encode(
-            texts,
-            instruction=instruction,
-            instruction_format=instruction_format,
-            max_length=max_length,
-            batch_size=batch_size or self.batch_size,
-            outputs=names,
-        )
+        options = self._encode_options(role, batch_size, max_length, instruction, instruction_format)
+        result: EncodeOutputs = self.embedder.encode(texts, outputs=names, **options)
         sparse = result.sparse
-        if sparse is not None:
-            sparse = _str_keys(sparse) if isinstance(sparse, dict) else [_str_keys(item) for item in sparse]
-        return {"dense_vecs": result.dense, "lexical_weights": sparse, "colbert_vecs": result.colbert}
+        lexical: dict[str, float] | list[dict[str, float]] | None = None
+        if isinstance(sparse, dict):
+            lexical = _str_keys(sparse)
+        elif sparse is not None:
+            lexical = [_str_keys(item) for item in sparse]
+        return {"dense_vecs": result.dense, "lexical_weights": lexical, "colbert_vecs": result.colbert}
 
     def encode(  # type: ignore[override]
         self,
@@ -142,18 +123,9 @@ class BGEM3FlagModel(_FlagFacade):
         **kwargs: Any,
     ) -> dict[str, Any]:
         """``{"dense_vecs", "lexical_weights", "colbert_vecs"}`` for any texts; unrequested outputs are None."""
-        kwargs.pop("convert_to_numpy", None)
-        _check_encode_kwargs("encode", kwargs)
-        return self._run_m3(
-            sentences,
-            batch_size=batch_size,
-            max_length=max_length or self.passage_max_length,
-            instruction=instruction,
-            instruction_format=instruction_format or "{}{}",
-            return_dense=return_dense,
-            return_sparse=return_sparse,
-            return_colbert_vecs=return_colbert_vecs,
-        )
+        check_encode_kwargs("encode", kwargs, _IGNORED)
+        returns = (return_dense, return_sparse, return_colbert_vecs)
+        return self._encode_m3("text", sentences, batch_size, max_length, returns, instruction, instruction_format)
 
     def encode_queries(  # type: ignore[override]
         self,
@@ -166,18 +138,9 @@ class BGEM3FlagModel(_FlagFacade):
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Queries (instruction applied, ``query_max_length``), all requested outputs."""
-        kwargs.pop("convert_to_numpy", None)
-        _check_encode_kwargs("encode_queries", kwargs)
-        return self._run_m3(
-            queries,
-            batch_size=batch_size,
-            max_length=max_length or self.query_max_length,
-            instruction=self.query_instruction_for_retrieval,
-            instruction_format=self.query_instruction_format,
-            return_dense=return_dense,
-            return_sparse=return_sparse,
-            return_colbert_vecs=return_colbert_vecs,
-        )
+        check_encode_kwargs("encode_queries", kwargs, _IGNORED)
+        returns = (return_dense, return_sparse, return_colbert_vecs)
+        return self._encode_m3("query", queries, batch_size, max_length, returns)
 
     def encode_corpus(  # type: ignore[override]
         self,
@@ -190,18 +153,9 @@ class BGEM3FlagModel(_FlagFacade):
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Passages (passage instruction if set, ``passage_max_length``), all requested outputs."""
-        kwargs.pop("convert_to_numpy", None)
-        _check_encode_kwargs("encode_corpus", kwargs)
-        return self._run_m3(
-            corpus,
-            batch_size=batch_size,
-            max_length=max_length or self.passage_max_length,
-            instruction=self.passage_instruction_for_retrieval,
-            instruction_format=self.passage_instruction_format,
-            return_dense=return_dense,
-            return_sparse=return_sparse,
-            return_colbert_vecs=return_colbert_vecs,
-        )
+        check_encode_kwargs("encode_corpus", kwargs, _IGNORED)
+        returns = (return_dense, return_sparse, return_colbert_vecs)
+        return self._encode_m3("passage", corpus, batch_size, max_length, returns)
 
     # ------------------------------------------------------------------------------------------------ scores
     def compute_score(
@@ -214,7 +168,7 @@ class BGEM3FlagModel(_FlagFacade):
         **kwargs: Any,
     ) -> dict[str, Any] | list:
         """Scores of (query, passage) pairs: colbert, sparse, dense, sparse+dense, colbert+sparse+dense."""
-        _check_encode_kwargs("compute_score", kwargs)
+        check_encode_kwargs("compute_score", kwargs)
         if isinstance(sentence_pairs, list) and not sentence_pairs:
             return []
         weights = weights_for_different_modes if weights_for_different_modes is not None else (1.0, 1.0, 1.0)
@@ -247,4 +201,5 @@ class BGEM3FlagModel(_FlagFacade):
 
 
 def _str_keys(vector: dict[int, float]) -> dict[str, float]:
+    """A sparse vector with FlagEmbedding's string token-id keys."""
     return {str(token): weight for token, weight in vector.items()}
