@@ -46,6 +46,7 @@ demo: install
 lint: test-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: test-deps reference-venv lint
 	TEMBED_REQUIRE_REFERENCE=1 $(BIN)/python -m pytest -q
