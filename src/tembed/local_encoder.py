@@ -21,11 +21,12 @@ from tembed.backends import create_backend
 from tembed.backends.base import Backend
 from tembed.devices import resolve_device, resolve_dtype
 from tembed.encoder import DEFAULT_STREAM_BLOCK, iter_blocks
-from tembed.heads import M3Heads
+from tembed.heads import HeadContext, build_heads
+from tembed.heads.m3 import ColbertHead
 from tembed.models.files import check_model_folder, check_tokenizer_size, read_json_file
 from tembed.models.resolve import ResolvedModel, resolve_model
 from tembed.outputs import EncodeOutputs
-from tembed.pipeline import EncodePipeline, HeadConfig
+from tembed.pipeline import EncodePipeline
 from tembed.settings import EmbedderConfig, EncodeOptions, Settings, clamp_max_length, resolve_settings
 from tembed.text import apply_instruction, check_texts
 from tembed.tokenize import TextTokenizer
@@ -56,31 +57,22 @@ class LocalEncoder:
         self.tokenizer = TextTokenizer(resolved.path, trust_remote_code=remote)
         model_config = read_json_file(os.path.join(resolved.path, "config.json"))  # valid: resolve_model read it
         check_tokenizer_size(resolved.path, len(self.tokenizer.hf), model_config.get("vocab_size"))
-        sparse_kind = None
-        if "sparse" in planned.outputs:
-            sparse_kind = "splade" if planned.kind == "splade" else "m3"
-        self.backend, backend_name = self._build_backend(config, planned, resolved, sparse_kind == "splade")
-        m3_heads = self._load_m3_heads(planned, resolved, backend_name, config.precision)
+        masked_lm = planned.kind == "splade" and "sparse" in planned.outputs  # SPLADE weights need the LM logits
+        self.backend, backend_name = self._build_backend(config, planned, resolved, masked_lm)
         hidden = int(self.backend.hidden_size)
         if config.truncate_dim is not None and config.truncate_dim > hidden:
             self.backend.close()
             raise ValueError(f"truncate_dim={config.truncate_dim} exceeds the model's dimension {hidden}")
-        heads = HeadConfig(
-            pooling=planned.pooling,
-            normalize=planned.normalize,
-            truncate_dim=config.truncate_dim,
-            sparse=sparse_kind,
-            m3_heads=m3_heads,
-            sparse_excluded_ids=frozenset(self.tokenizer.special_ids_without_weight()),
-        )
-        self.pipeline = EncodePipeline(self.tokenizer, self.backend, heads)
+        heads = build_heads(self._head_context(planned, backend_name), planned.outputs)
+        self.pipeline = EncodePipeline(self.tokenizer, self.backend, heads, dim=config.truncate_dim or hidden)
+        colbert = heads.get("colbert")
         self.settings: Settings = planned.replace(
             backend=backend_name,
             effective_precision=self.backend.effective_precision,
             hidden_size=hidden,
             dim=self.pipeline.dim,
             vocab_size=len(self.tokenizer.hf),
-            colbert_dim=None if m3_heads is None or "colbert" not in planned.outputs else m3_heads.colbert_dim,
+            colbert_dim=colbert.dim if isinstance(colbert, ColbertHead) else None,
         )
         self._closed = False
 
@@ -103,15 +95,21 @@ class LocalEncoder:
             warnings.warn(f"{planned.backend} backend unavailable ({error}); using torch", stacklevel=4)
             return create_backend("torch", resolved.path, **options), "torch"
 
-    def _load_m3_heads(
-        self, planned: Settings, resolved: ResolvedModel, backend_name: str, precision: str
-    ) -> M3Heads | None:
-        if planned.kind != "m3" or not ({"sparse", "colbert"} & set(planned.outputs)):
-            return None
+    def _head_context(self, planned: Settings, backend_name: str) -> HeadContext:
         import torch
 
-        dtype = resolve_dtype(precision, self.device) if backend_name == "torch" else torch.float32
-        return M3Heads.load(resolved.path, device=self.device, dtype=dtype)
+        # Head weights run in the model's dtype with torch; exported backends hand float32 hidden states over.
+        dtype = resolve_dtype(planned.precision, self.device) if backend_name == "torch" else torch.float32
+        return HeadContext(
+            path=planned.path,
+            kind=planned.kind,
+            pooling=planned.pooling,
+            normalize=planned.normalize,
+            truncate_dim=planned.truncate_dim,
+            device=self.device,
+            dtype=dtype,
+            tokenizer=self.tokenizer,
+        )
 
     # ----------------------------------------------------------------------------------------------- encoding
     def encode(self, texts: Sequence[str], options: EncodeOptions | None = None) -> EncodeOutputs:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,16 +18,8 @@ import torch
 from tembed.backends.base import Backend
 from tembed.batching import plan_batches
 from tembed.devices import is_out_of_memory, release_cached_memory
-from tembed.heads import (
-    M3Heads,
-    colbert_vectors,
-    finish,
-    m3_token_weights,
-    pool,
-    splade_term_weights,
-    token_weights_to_dicts,
-    vocab_weights_to_dicts,
-)
+from tembed.heads import Head, HeadInput
+from tembed.heads.dense import DenseHead
 from tembed.outputs import EncodeOutputs
 from tembed.progress import progress_bar, show_progress
 from tembed.tokenize import TextTokenizer
@@ -40,63 +31,29 @@ class EncodeOutOfMemoryError(MemoryError):
     """Even a single text does not fit in the device's memory."""
 
 
-@dataclass
-class HeadConfig:
-    """What the heads do with the last hidden state.
-
-    Attributes:
-        pooling: ``"cls"``, ``"mean"`` or ``"last_token"`` (the dense vector).
-        normalize: L2-normalize dense and ColBERT vectors after truncation.
-        truncate_dim: keep only the first dimensions (Matryoshka), or None.
-        sparse: how sparse weights are made: ``"m3"`` (``relu(sparse_linear(h))`` per token), ``"splade"``
-            (masked-LM logits) or None (no sparse output).
-        m3_heads: BGE-M3's ``sparse_linear`` / ``colbert_linear``, when the model has them.
-        sparse_excluded_ids: token ids never given a sparse weight (M3: cls, eos, pad, unk).
-    """
-
-    pooling: str
-    normalize: bool = True
-    truncate_dim: int | None = None
-    sparse: str | None = None
-    m3_heads: M3Heads | None = None
-    sparse_excluded_ids: frozenset[int] = field(default_factory=frozenset)
-
-    def require_m3(self) -> M3Heads:
-        """The M3 heads (sparse / ColBERT outputs are checked against :attr:`outputs` before this is called)."""
-        if self.m3_heads is None:
-            raise RuntimeError("this model has no BGE-M3 heads loaded")
-        return self.m3_heads
-
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        """The outputs these heads can produce."""
-        available = ["dense"]
-        if self.sparse is not None:
-            available.append("sparse")
-        if self.m3_heads is not None:
-            available.append("colbert")
-        return tuple(available)
-
-
 class EncodePipeline:
     """Tokenizer + backend + heads, with token-budget batching and out-of-memory recovery.
 
     Args:
         tokenizer: the model's tokenizer.
         backend: runs the forward pass.
-        heads: pooling and finishing.
+        heads: one head per output this pipeline can produce (``{"dense": DenseHead, ...}``, see
+            :func:`tembed.heads.build_heads`).
+        dim: the width of dense vectors (``truncate_dim`` or the hidden size).
     """
 
-    def __init__(self, tokenizer: TextTokenizer, backend: Backend, heads: HeadConfig) -> None:
+    def __init__(self, tokenizer: TextTokenizer, backend: Backend, heads: Mapping[str, Head], dim: int) -> None:
         self.tokenizer = tokenizer
         self.backend = backend
-        self.heads = heads
+        self.heads = dict(heads)
+        self.dim = dim
         # Shrinks after an out-of-memory error and stays shrunk, so later calls do not fail again.
         self.token_budget_after_oom: int | None = None
 
     @property
-    def dim(self) -> int:
-        return self.heads.truncate_dim or self.backend.hidden_size
+    def outputs(self) -> tuple[str, ...]:
+        """The outputs this pipeline can produce."""
+        return tuple(self.heads)
 
     def encode(
         self,
@@ -175,42 +132,29 @@ class EncodePipeline:
         if not outputs:
             raise ValueError("ask for at least one of the outputs dense, sparse, colbert")
         for name in outputs:
-            if name not in self.heads.outputs:
-                raise ValueError(
-                    f"output {name!r} is not available for this model (it has: {', '.join(self.heads.outputs)})"
-                )
+            if name not in self.heads:
+                raise ValueError(f"output {name!r} is not available for this model (it has: {', '.join(self.outputs)})")
 
     def _run_batch(self, sequences: list[Sequence[int]], outputs: Sequence[str]) -> EncodeOutputs:
-        heads = self.heads
         batch = self.tokenizer.pad(sequences)
-        want_logits = "sparse" in outputs and heads.sparse == "splade"
-        dense_only = tuple(outputs) == ("dense",)
-        forward = self.backend.forward(batch, want_logits=want_logits, pooling=heads.pooling if dense_only else None)
-        if forward.pooled is not None:  # the backend pooled inside its graph (dense-only calls)
-            vectors = finish(forward.pooled, truncate_dim=heads.truncate_dim, normalize=heads.normalize)
-            return EncodeOutputs(dense=vectors.cpu().numpy())
-        hidden = forward.hidden
-        if hidden is None:
+        want_logits = any(self.heads[name].needs_logits for name in outputs)
+        dense = self.heads.get("dense")
+        in_graph = dense.pooling if isinstance(dense, DenseHead) and tuple(outputs) == ("dense",) else None
+        forward = self.backend.forward(batch, want_logits=want_logits, pooling=in_graph)
+        if forward.pooled is not None and isinstance(dense, DenseHead):  # pooled inside the backend's graph
+            return EncodeOutputs(dense=dense.finish_pooled(forward.pooled))
+        if forward.hidden is None:
             raise RuntimeError(f"{type(self.backend).__name__} returned neither hidden states nor pooled vectors")
-        mask = torch.from_numpy(batch.attention_mask).to(hidden.device)
+        hidden = forward.hidden
+        inputs = HeadInput(
+            hidden=hidden,
+            mask=torch.from_numpy(batch.attention_mask).to(hidden.device),
+            input_ids=torch.from_numpy(batch.input_ids),
+            logits=forward.logits,
+        )
         result = EncodeOutputs()
-        if "dense" in outputs:
-            vectors = finish(
-                pool(hidden, mask, heads.pooling), truncate_dim=heads.truncate_dim, normalize=heads.normalize
-            )
-            result.dense = vectors.cpu().numpy()
-        if "sparse" in outputs and heads.sparse == "splade":
-            if forward.logits is None:
-                raise RuntimeError(f"{type(self.backend).__name__} returned no masked-LM logits for SPLADE weights")
-            result.sparse = vocab_weights_to_dicts(splade_term_weights(forward.logits, mask))
-        elif "sparse" in outputs:
-            weights = m3_token_weights(hidden, heads.require_m3())
-            input_ids = torch.from_numpy(batch.input_ids)
-            result.sparse = token_weights_to_dicts(weights * mask, input_ids, set(heads.sparse_excluded_ids))
-        if "colbert" in outputs:
-            result.colbert = colbert_vectors(
-                hidden, mask, heads.require_m3(), truncate_dim=heads.truncate_dim, normalize=heads.normalize
-            )
+        for name in outputs:
+            setattr(result, name, self.heads[name].run(inputs))
         return result
 
     def _split_after_oom(self, indices: np.ndarray, lengths: Sequence[int], error: BaseException) -> list[np.ndarray]:

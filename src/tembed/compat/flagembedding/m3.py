@@ -76,10 +76,9 @@ class BGEM3FlagModel(FlagFacade):
         if kwargs:
             raise TypeError(f"BGEM3FlagModel() got unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
         super().__init__(**base_arguments(locals()))
-        if colbert_dim > 0 and self.embedder.pool is None:
-            heads = self.embedder.pipeline.heads.m3_heads
-            if heads is not None and heads.colbert_dim != colbert_dim:
-                raise ValueError(f"colbert_dim={colbert_dim} but colbert_linear.pt has {heads.colbert_dim} outputs")
+        actual = self.embedder.settings_.colbert_dim
+        if colbert_dim > 0 and truncate_dim is None and actual is not None and actual != colbert_dim:
+            raise ValueError(f"colbert_dim={colbert_dim} but colbert_linear.pt has {actual} outputs")
         self.return_dense = return_dense
         self.return_sparse = return_sparse
         self.return_colbert_vecs = return_colbert_vecs

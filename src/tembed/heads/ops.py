@@ -1,4 +1,4 @@
-"""Heads: pooling of the last hidden state, and the finishing steps (Matryoshka truncation, L2 norm)."""
+"""The math of the heads: pooling, finishing (Matryoshka truncation, L2 norm), BGE-M3 and SPLADE weights, ColBERT."""
 
 from __future__ import annotations
 
