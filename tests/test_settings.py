@@ -154,3 +154,26 @@ def test_a_pooled_embedder_has_the_attributes_of_a_single_one(minilm, minilm_pat
         assert "cpu,cpu" in repr(pooled) and pooled.pool is not None and minilm.pool is None
         with pytest.raises(AttributeError, match="lives in each worker"):
             pooled.backend  # noqa: B018
+        with pytest.warns(UserWarning, match="exceeds the model's limit of 512"):  # raised here, not in a worker
+            pooled.encode(["a text"], max_length=5000)
+
+
+def test_the_token_limit_of_a_config_without_positions_is_the_loaded_configs(minilm_path, tmp_path):
+    import json
+    import shutil
+
+    from tembed import Embedder
+
+    # No max_position_embeddings, no tokenizer limit, no sentence-transformers length: transformers' BertConfig
+    # still has 512 positions, and the model cannot take more.
+    folder = shutil.copytree(minilm_path, tmp_path / "minilm-bare")
+    for name, key in (("config.json", "max_position_embeddings"), ("tokenizer_config.json", "model_max_length")):
+        data = json.loads((folder / name).read_text())
+        data.pop(key, None)
+        (folder / name).write_text(json.dumps(data))
+    (folder / "sentence_bert_config.json").unlink()
+    with pytest.warns(UserWarning, match="exceeds the model's limit of 512"):
+        embedder = Embedder(folder, device="cpu", backend="torch", passage_max_length=1000)
+    with embedder:
+        assert embedder.max_seq_length == 512 and embedder.passage_max_length == 512
+        assert embedder.encode("word " * 700).shape == (384,)

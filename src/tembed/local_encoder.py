@@ -10,6 +10,7 @@ It is safe to call from many threads at once (the tokenizer and the backends gua
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,6 +24,7 @@ from tembed.devices import resolve_device, resolve_dtype
 from tembed.encoder import DEFAULT_STREAM_BLOCK, iter_blocks
 from tembed.heads import HeadContext, build_heads
 from tembed.heads.m3 import ColbertHead
+from tembed.models.architecture import ModelFacts, max_positions, read_model_facts
 from tembed.models.files import check_model_folder, check_tokenizer_size, read_json_file
 from tembed.models.resolve import ResolvedModel, resolve_model
 from tembed.outputs import EncodeOutputs
@@ -53,8 +55,9 @@ class LocalEncoder:
         remote = resolved.trust_remote_code if config.trust_remote_code is None else config.trust_remote_code
         check_model_folder(resolved.path, trust_remote_code=remote, explicit=config.trust_remote_code is not None)
         self.device = resolve_device(device)
-        planned, self.resolved = resolve_settings(config, str(self.device), resolved)
         self.tokenizer = TextTokenizer(resolved.path, trust_remote_code=remote)
+        facts = _loaded_facts(resolved.path, remote, self.tokenizer)
+        planned, self.resolved = resolve_settings(config, str(self.device), resolved, facts)
         model_config = read_json_file(os.path.join(resolved.path, "config.json"))  # valid: resolve_model read it
         check_tokenizer_size(resolved.path, len(self.tokenizer.hf), model_config.get("vocab_size"))
         masked_lm = planned.kind == "splade" and "sparse" in planned.outputs  # SPLADE weights need the LM logits
@@ -176,3 +179,14 @@ class LocalEncoder:
     def __repr__(self) -> str:
         s = self.settings
         return f"LocalEncoder(model={s.model!r}, device={s.device!r}, backend={s.backend!r}, dim={s.dim})"
+
+
+def _loaded_facts(path: str, trust_remote_code: bool, tokenizer: TextTokenizer) -> ModelFacts:
+    """The files' :class:`ModelFacts`, with the token limit as transformers' loaded config gives it: its class
+    defaults and renamed keys (GPT-2's ``n_positions``) count, as the model will use them."""
+    from transformers import AutoConfig
+
+    facts = read_model_facts(path)
+    loaded = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    fields = {name: getattr(loaded, name, None) for name in ("max_position_embeddings", "model_type", "pad_token_id")}
+    return dataclasses.replace(facts, max_positions=max_positions(fields, tokenizer.model_max_length))

@@ -221,7 +221,7 @@ class Settings:
 
 
 def resolve_settings(
-    config: EmbedderConfig, device: str = "cpu", resolved: ResolvedModel | None = None
+    config: EmbedderConfig, device: str = "cpu", resolved: ResolvedModel | None = None, facts: ModelFacts | None = None
 ) -> tuple[Settings, ResolvedModel]:
     """The effective settings of ``config`` on ``device``, from the registry and the model's files only.
 
@@ -231,6 +231,8 @@ def resolve_settings(
         config: what the user asked for.
         device: the device name (``"cpu"``, ``"cuda:0"``...), already resolved.
         resolved: the model's files, when already resolved.
+        facts: the model's architecture facts, when known better than the files say (a loaded config's
+            defaults, e.g. the token limit of a ``config.json`` without ``max_position_embeddings``).
 
     Returns:
         ``(settings, resolved_model)``.
@@ -240,7 +242,7 @@ def resolve_settings(
     """
     resolved = resolve_model(config.model, cache_dir=config.cache_dir) if resolved is None else resolved
     spec = resolved.spec
-    facts = read_model_facts(resolved.path)
+    facts = read_model_facts(resolved.path) if facts is None else facts
     outputs = tuple(spec.outputs if config.outputs is None else config.outputs)
     unknown = [name for name in outputs if name not in spec.outputs]
     if unknown or not outputs:

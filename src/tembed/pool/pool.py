@@ -8,6 +8,7 @@ a worker's exception is re-raised in the caller, a worker's death raises :class:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import multiprocessing
@@ -42,7 +43,7 @@ from tembed.pool.transport import (
 )
 from tembed.pool.worker import create_worker
 from tembed.progress import progress_bar, show_progress
-from tembed.settings import EmbedderConfig, EncodeOptions, Settings
+from tembed.settings import EmbedderConfig, EncodeOptions, Settings, clamp_max_length
 from tembed.text import check_texts
 from tembed.types import DeviceLike
 
@@ -189,7 +190,7 @@ class EmbedderPool:
         if isinstance(texts, str):
             raise TypeError("texts must be a list of str; for one text pass [text]")
         items, _ = check_texts(texts, what="texts")
-        options = _check_options(options)
+        options = self._clamped(_check_options(options))
         show = show_progress(self.config.show_progress_bar, len(items))
         blocks = list(self._execute(iter([items]), options, progress=show, total=len(items)))
         return blocks[0][2]
@@ -213,6 +214,9 @@ class EmbedderPool:
             yield np.arange(start, start + size, dtype=np.int64), outputs
 
     # ----------------------------------------------------------------------------------------------- engine
+    def _clamped(self, options: EncodeOptions) -> EncodeOptions:
+        return _clamp_in_caller(options, self.settings.max_seq_length)
+
     def _execute(
         self, blocks: Iterator[list[str]], options: EncodeOptions, *, progress: bool = False, total: int | None = None
     ) -> Iterator[tuple[int, int, EncodeOutputs]]:
@@ -350,6 +354,14 @@ class EmbedderPool:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _clamp_in_caller(options: EncodeOptions, limit: int | None) -> EncodeOptions:
+    """A ``max_length`` beyond the model's limit, clamped here so that the caller gets the warning (the workers
+    would warn on their own stderr)."""
+    if options.max_length is None or limit is None or options.max_length <= limit:
+        return options
+    return dataclasses.replace(options, max_length=clamp_max_length(options.max_length, limit))
 
 
 def _check_options(options: object) -> EncodeOptions:
