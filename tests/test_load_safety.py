@@ -87,7 +87,7 @@ def test_registry_vouches_only_for_the_exact_hub_id(tmp_path, minilm_path, monke
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
     marker = str(tmp_path / "code-ran.txt")
     snapshot = _remote_code_checkpoint(str(tmp_path / "hub" / "snapshot"), minilm_path, marker)
-    monkeypatch.setattr(resolve_module, "_fetch", lambda hub_id: (snapshot, "hf-cache"))
+    monkeypatch.setattr(resolve_module, "_fetch", lambda hub_id, cache_dir=None: (snapshot, "hf-cache"))
     resolved = resolve_model("any-org/" + REMOTE_ENTRY.name)
     assert resolved.in_registry and not resolved.trust_remote_code
     with pytest.raises(ModelFilesError, match="trust_remote_code=True"):
