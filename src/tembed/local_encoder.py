@@ -170,6 +170,11 @@ class LocalEncoder:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def healthy(self) -> bool:
+        """True until :meth:`close` (one process: nothing else can stop it)."""
+        return not self._closed
+
     def __enter__(self) -> LocalEncoder:
         return self
 

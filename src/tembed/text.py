@@ -22,7 +22,7 @@ def check_texts(texts: str | Sequence[str], *, what: str = "texts") -> tuple[lis
             the position are named).
     """
     if isinstance(texts, str):
-        _check_encodable(texts, what)
+        check_encodable(texts, what)
         return [texts], True
     if texts is None:
         raise TypeError(f"{what} must be a str or a list of str, got None")
@@ -34,11 +34,11 @@ def check_texts(texts: str | Sequence[str], *, what: str = "texts") -> tuple[lis
     for index, item in enumerate(items):
         if not isinstance(item, str):
             raise TypeError(f"{what}[{index}] must be a str, got {type(item).__name__}: {item!r:.80}")
-        _check_encodable(item, f"{what}[{index}]")
+        check_encodable(item, f"{what}[{index}]")
     return items, False
 
 
-def _check_encodable(text: str, name: str) -> None:
+def check_encodable(text: str, name: str) -> None:
     """Raise ValueError naming ``name`` when ``text`` cannot be encoded as UTF-8 (a lone surrogate)."""
     if text.isascii():
         return

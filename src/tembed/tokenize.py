@@ -94,3 +94,28 @@ class TextTokenizer:
                 attention_mask[row, : len(ids)] = 1
         token_type_ids = np.zeros_like(input_ids) if self.returns_token_type_ids else None
         return TokenBatch(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+    def decode(self, sequences: Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> list[str]:
+        """The text of each token-id sequence (ids must be inside the vocabulary)."""
+        with self._lock:
+            return [str(self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)) for ids in sequences]
+
+    def tokens(self, text: str, *, add_special_tokens: bool = True) -> list[tuple[int, str, bool, int, int]]:
+        """``(id, text, special, start, stop)`` per token of ``text``, untruncated; ``start`` / ``stop`` are
+        character offsets into ``text`` and ``text`` the token's piece of it (the token string for a special
+        token)."""
+        with self._lock:
+            encoded = self.hf(
+                text,
+                add_special_tokens=add_special_tokens,
+                truncation=False,
+                return_offsets_mapping=True,
+                return_special_tokens_mask=True,
+            )
+            pieces = self.hf.convert_ids_to_tokens(encoded["input_ids"])
+        result = []
+        for token, piece, special, (start, stop) in zip(
+            encoded["input_ids"], pieces, encoded["special_tokens_mask"], encoded["offset_mapping"], strict=True
+        ):
+            result.append((int(token), piece if special else text[start:stop], bool(special), int(start), int(stop)))
+        return result

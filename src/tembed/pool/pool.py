@@ -169,6 +169,11 @@ class EmbedderPool:
         return self.settings.dim
 
     @property
+    def healthy(self) -> bool:
+        """True while every worker runs and the pool is open (checked without a call, e.g. by a health route)."""
+        return not self._closed and self._broken is None and not any(w.exited() for w in self._workers)
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
