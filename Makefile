@@ -49,7 +49,7 @@ lint: test-deps
 	$(BIN)/mypy
 
 test: test-deps reference-venv lint
-	TEMBED_REQUIRE_REFERENCE=1 $(BIN)/python -m pytest -q
+	TEMBED_REQUIRE_REFERENCE=1 $(BIN)/python -m pytest -q --durations=25
 
 bench: test-deps
 	$(BIN)/python benchmarks/bench.py

@@ -10,6 +10,7 @@ import http.client
 import json
 import threading
 import time
+import urllib.request
 
 import httpx
 import numpy as np
@@ -143,6 +144,7 @@ BAD_REQUESTS = [
     ({"input": "x", "dimensions": 385}, "dimensions", None, "between 1 and"),
     ({"input": ["short", "word " * 400], "truncate": False}, "input", 1, "more than 256 tokens"),
     ({"input": 5}, "input", None, "input"),
+    ({"input": [[7592], [101, 102]]}, "input", 1, "decode to an empty"),
     ({"input": "x", "encoding_format": "int8"}, "encoding_format", None, "encoding_format"),
 ]
 
@@ -182,6 +184,46 @@ def test_outputs_the_model_lacks_and_malformed_json_are_named(inputs_server):
         client.embeddings.create(model="m", input=[])
     assert caught.value.status_code == 400 and caught.value.param == "input" and caught.value.code == "empty"
     assert caught.value.type == "invalid_request_error"
+
+
+def test_scoring_routes_check_both_sides_and_their_own_fields(minilm):
+    app = create_app(minilm.encoder, ServerConfig(max_request_tokens=200, api_key="k"))
+    key = {"Authorization": "Bearer k"}
+    long_text = "word " * 150  # 152 tokens with CLS and SEP
+    with serve_in_thread(app) as base:
+        # max_request_tokens counts the query side and the passage side together.
+        status, _, answer = post(base, "/score", {"pairs": [[long_text, long_text]]}, headers=key)
+        assert status == 422 and "304 tokens" in answer["error"] and answer["param"] == "pairs"
+        status, _, answer = post(base, "/rerank", {"query": "q", "texts": [long_text, long_text]}, headers=key)
+        assert status == 422 and answer["param"] == "texts"
+        status, _, answer = post(base, "/score", {"query": "q", "texts": [long_text]}, headers=key)
+        assert status == 200 and set(answer["data"][0]) == {"index", "dense"}
+        status, _, answer = post(
+            base, "/rerank", {"query": "q", "texts": ["a", "word " * 300], "truncate": False}, headers=key
+        )
+        assert status == 422 and answer["param"] == "texts" and answer["index"] == 1
+        for field in ("max_query_length", "max_passage_length"):
+            for value in (0, -1):
+                status, _, answer = post(base, "/score", {"pairs": [["a", "b"]], field: value}, headers=key)
+                assert status == 422 and answer["param"] == field, answer
+        status, _, answer = post(base, "/score", b'{"pairs": [["a", "b"]], "weights": [NaN, 1, 1]}', headers=key)
+        assert status == 422 and answer["param"] == "weights"
+        status, _, answer = post(base, "/embed", {"inputs": [True, False]}, headers=key)
+        assert status == 422 and answer["param"] == "inputs"
+        # HEAD on the public routes needs no key; two Authorization headers are refused whatever their order.
+        for path in ("/health", "/ping"):
+            request = urllib.request.Request(base + path, method="HEAD")
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert response.status == 200
+        connection = http.client.HTTPConnection(HOST, int(base.rsplit(":", 1)[1]), timeout=30)
+        connection.putrequest("POST", "/embed")
+        connection.putheader("content-type", "application/json")
+        connection.putheader("authorization", "Bearer k")
+        connection.putheader("authorization", "Bearer wrong")
+        connection.putheader("content-length", "15")
+        connection.endheaders(b'{"inputs": "x"}')
+        assert connection.getresponse().status == 401
+        connection.close()
 
 
 @pytest.fixture(scope="module")

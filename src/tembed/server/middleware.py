@@ -111,11 +111,13 @@ class ApiKeyMiddleware:
 
 
 def _bearer(scope: Scope) -> bytes | None:
-    for name, value in scope.get("headers", []):
-        if name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            return token.strip() if scheme.lower() == b"bearer" and token.strip() else None
-    return None
+    """The token of the one ``Authorization: Bearer <token>`` header; None when missing, not Bearer, or sent
+    more than once (two headers would make the check depend on their order)."""
+    values = [value for name, value in scope.get("headers", []) if name == b"authorization"]
+    if len(values) != 1:
+        return None
+    scheme, _, token = values[0].partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" and token.strip() else None
 
 
 class BodyLimitMiddleware:

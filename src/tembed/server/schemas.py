@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt
 
-Inputs = str | list[str] | list[int] | list[list[int]]
+Inputs = str | list[str] | list[StrictInt] | list[list[StrictInt]]
+Weights = tuple[FiniteFloat, FiniteFloat, FiniteFloat]
 InputType = Literal["query", "passage", "raw"]
 OutputName = Literal["dense", "sparse", "colbert"]
 EncodingFormat = Literal["float", "base64"]
@@ -71,7 +72,7 @@ class ScoreRequest(_Body):
     pairs: list[tuple[str, str]] | None = None
     query: str | None = None
     texts: list[str] | None = None
-    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    weights: Weights = (1.0, 1.0, 1.0)
     max_query_length: int | None = None
     max_passage_length: int | None = None
 
@@ -84,7 +85,7 @@ class RerankRequest(_Body):
     return_text: bool = False
     truncate: bool | None = None
     raw_scores: bool = False
-    weights: tuple[float, float, float] | None = None
+    weights: Weights | None = None
 
 
 class TokenizeRequest(_Body):
@@ -98,5 +99,5 @@ class TokenizeRequest(_Body):
 class DecodeRequest(_Body):
     """``POST /decode``: TEI's fields."""
 
-    ids: list[int] | list[list[int]]
+    ids: list[StrictInt] | list[list[StrictInt]]
     skip_special_tokens: bool = True

@@ -30,6 +30,9 @@ from tembed.tokenize import TextTokenizer
 logger = logging.getLogger(__name__)
 
 Inputs = str | list[str] | list[int] | list[list[int]]
+INLINE_TOKENIZE_CHARS = 8192
+"""Inputs up to this many characters are tokenized on the event loop (well under a millisecond); longer ones
+in a thread, so the loop keeps serving."""
 
 
 class ClientGoneError(Exception):
@@ -55,6 +58,16 @@ class Counted:
     @property
     def total(self) -> int:
         return sum(self.counts)
+
+
+@dataclass
+class Prepared:
+    """Texts ready for admission: their options (max length clamped) and token counts."""
+
+    texts: list[str]
+    options: EncodeOptions
+    counted: Counted
+    param: str
 
 
 class EmbeddingService:
@@ -139,14 +152,23 @@ class EmbeddingService:
             if not isinstance(ids, list) or not ids:
                 raise item_error(param, index, "a token-id input must be a non-empty list of ints", error_type="Empty")
             for position, token in enumerate(ids):
-                if not isinstance(token, int) or not 0 <= token < vocab:
+                if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
                     raise item_error(
                         param,
                         index,
                         f"token id {token!r} at position {position} is outside this "
                         f"model's vocabulary (0..{vocab - 1}); token ids must come from its tokenizer",
                     )
-        return self.tokenizer.decode(sequences)
+        texts = self.tokenizer.decode(sequences)
+        for index, text in enumerate(texts):
+            if not text.strip():
+                raise item_error(
+                    param,
+                    index,
+                    "the token ids decode to an empty text (special tokens are dropped)",
+                    error_type="Empty",
+                )
+        return texts
 
     # ------------------------------------------------------------------------------------------------ encode
     async def encode(
@@ -159,13 +181,22 @@ class EmbeddingService:
         param: str = "input",
     ) -> Encoded:
         """The outputs of ``texts`` (already checked by :meth:`texts_of`) under ``options``, merged with other
-        requests' texts by the batcher.
+        requests' texts by the batcher: :meth:`prepare`, :meth:`check_request_tokens`, then :meth:`run`.
 
         Raises:
             ApiError: an output the model lacks, a text too long with ``truncate=False``, too many tokens, no room
                 in the queue in time (429), a dead worker (503), a failed forward pass.
             ClientGoneError: the client disconnected; its queued work was dropped.
         """
+        prepared = await self.prepare(texts, options, truncate=truncate, param=param)
+        self.check_request_tokens(prepared)
+        return await self.run(request, prepared)
+
+    async def prepare(
+        self, texts: list[str], options: EncodeOptions, *, truncate: bool = True, param: str = "input"
+    ) -> Prepared:
+        """Check the outputs and count the tokens of ``texts`` as the model will see them (a long input is
+        tokenized off the event loop)."""
         if not self.healthy:
             raise self._unhealthy()
         for name in options.outputs:
@@ -177,18 +208,30 @@ class EmbeddingService:
                 )
         limit = clamp_max_length(self.settings.max_length_for(options), self.settings.max_seq_length, warn=False)
         options = EncodeOptions(role=options.role, max_length=limit, outputs=options.outputs)
-        counted = await asyncio.to_thread(self.count_tokens, texts, options, limit, truncate, param)
-        if counted.total > self.config.max_request_tokens:
+        if sum(len(text) for text in texts) <= INLINE_TOKENIZE_CHARS:
+            counted = self.count_tokens(texts, options, limit, truncate, param)
+        else:
+            counted = await asyncio.to_thread(self.count_tokens, texts, options, limit, truncate, param)
+        return Prepared(texts=texts, options=options, counted=counted, param=param)
+
+    def check_request_tokens(self, *parts: Prepared) -> None:
+        """Raise a Validation ApiError when the parts of one request hold more than ``max_request_tokens``."""
+        total = sum(part.counted.total for part in parts)
+        if total > self.config.max_request_tokens:
             raise ApiError(
                 "Validation",
-                f"the request has {counted.total} tokens, more than the limit of "
+                f"the request has {total} tokens, more than the limit of "
                 f"{self.config.max_request_tokens} (--max-request-tokens); split it",
-                param=param,
+                param=max(parts, key=lambda part: part.counted.total).param,  # the side that holds the most
             )
+
+    async def run(self, request: Request, prepared: Prepared) -> Encoded:
+        """Admit the prepared texts' tokens (or 429), queue them with the batcher and wait for their outputs."""
+        counted = prepared.counted
         self.metrics.truncated.inc(counted.truncated)
         await self.gate.acquire(counted.total)
         try:
-            job = self.batcher.submit(texts, options, counted.counts)
+            job = self.batcher.submit(prepared.texts, prepared.options, counted.counts)
         except UnhealthyError:
             self.gate.release(counted.total)
             raise self._unhealthy() from None

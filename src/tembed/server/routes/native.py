@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -79,22 +80,35 @@ async def score(body: ScoreRequest, request: Request) -> JsonResponse:
     default to the model's query / passage lengths). A model without some output gets only the modes it has."""
     service = service_of(request)
     queries, passages = _score_sides(body)
-    q_texts = service.texts_of(queries, "query" if body.query is not None else "pairs")
-    p_texts = service.texts_of(passages, "texts" if body.query is not None else "pairs")
+    names = ("query", "texts") if body.query is not None else ("pairs", "pairs")
     settings = service.settings
-    lengths = (
-        body.max_query_length or settings.query_max_length,
-        body.max_passage_length or settings.passage_max_length,
+    sides = _Sides(
+        queries=service.texts_of(queries, names[0]),
+        passages=service.texts_of(passages, names[1]),
+        params=names,
+        roles=(Role.PLAIN, Role.PLAIN),
+        lengths=(
+            _length(body.max_query_length, settings.query_max_length, "max_query_length"),
+            _length(body.max_passage_length, settings.passage_max_length, "max_passage_length"),
+        ),
     )
-    q_encoded, p_encoded = await _both_sides(service, request, q_texts, p_texts, Role.PLAIN, lengths)
-    table = _scores(q_encoded.outputs, p_encoded.outputs, len(p_texts), body.weights)
+    q_encoded, p_encoded = await _both_sides(service, request, sides)
+    table = _scores(q_encoded.outputs, p_encoded.outputs, len(sides.passages), body.weights)
     data = [
         {"index": index, **{mode: float(values[index]) for mode, values in table.items()}}
-        for index in range(len(p_texts))
+        for index in range(len(sides.passages))
     ]
     return JsonResponse(
         {"object": "list", "model": service.model_name, "data": data, "usage": _usage_sum(q_encoded, p_encoded)}
     )
+
+
+def _length(value: int | None, default: int, name: str) -> int:
+    if value is None:
+        return default
+    if value < 1:
+        raise ApiError("Validation", f"{name} must be >= 1, got {value}", param=name)
+    return value
 
 
 def _score_sides(body: ScoreRequest) -> tuple[list[str], list[str]]:
@@ -111,23 +125,33 @@ def _score_sides(body: ScoreRequest) -> tuple[list[str], list[str]]:
     return [body.query], list(body.texts)
 
 
-async def _both_sides(
-    service: EmbeddingService,
-    request: Request,
-    queries: list[str],
-    passages: list[str],
-    role: Role,
-    lengths: tuple[int | None, int | None],
-) -> tuple[Encoded, Encoded]:
+@dataclass
+class _Sides:
+    """The two sides of a scoring request: texts, the field each came from, roles and max lengths."""
+
+    queries: list[str]
+    passages: list[str]
+    params: tuple[str, str]
+    roles: tuple[Role, Role]
+    lengths: tuple[int | None, int | None]
+    truncate: bool = True
+
+
+async def _both_sides(service: EmbeddingService, request: Request, sides: _Sides) -> tuple[Encoded, Encoded]:
+    """Both sides encoded with every output the model has; the request's tokens (both sides) are checked
+    against ``max_request_tokens`` together."""
     outputs = tuple(name for name in ("dense", "sparse", "colbert") if name in service.settings.outputs)
-    query_role, passage_role = (Role.QUERY, Role.PASSAGE) if role is Role.QUERY else (role, role)
-    q_options = EncodeOptions(role=query_role, max_length=lengths[0], outputs=outputs)
-    p_options = EncodeOptions(role=passage_role, max_length=lengths[1], outputs=outputs)
-    q_param = "query" if len(queries) == 1 and len(passages) != 1 else "pairs"
-    return await asyncio.gather(
-        service.encode(request, queries, q_options, param=q_param),
-        service.encode(request, passages, p_options, param="texts" if q_param == "query" else "pairs"),
-    )
+    prepared = [
+        await service.prepare(
+            texts, EncodeOptions(role=role, max_length=length, outputs=outputs), truncate=sides.truncate, param=param
+        )
+        for texts, role, length, param in zip(
+            (sides.queries, sides.passages), sides.roles, sides.lengths, sides.params, strict=True
+        )
+    ]
+    service.check_request_tokens(*prepared)
+    q_encoded, p_encoded = await asyncio.gather(*(service.run(request, part) for part in prepared))
+    return q_encoded, p_encoded
 
 
 def _scores(queries: EncodeOutputs, passages: EncodeOutputs, count: int, weights: Any) -> dict[str, np.ndarray]:
@@ -161,11 +185,19 @@ def _usage_sum(*sides: Encoded) -> dict[str, int]:
 async def rerank(body: RerankRequest, request: Request) -> JsonResponse:
     """TEI's ``[{"index", "score", "text"?}]``, best first: the query encoded as a query (its instruction), the
     texts as passages; scored by ``colbert+sparse+dense`` with ``weights`` for a model with all three outputs,
-    else by the dense cosine (or the sparse score for a sparse-only model)."""
+    else by the dense cosine (or the sparse score for a sparse-only model). ``raw_scores`` changes nothing (the
+    scores are never squashed)."""
     service = service_of(request)
-    query = service.texts_of([body.query], "query")
-    texts = service.texts_of(body.texts, "texts")
-    q_encoded, p_encoded = await _both_sides(service, request, query, texts, Role.QUERY, (None, None))
+    sides = _Sides(
+        queries=service.texts_of([body.query], "query"),
+        passages=service.texts_of(body.texts, "texts"),
+        params=("query", "texts"),
+        roles=(Role.QUERY, Role.PASSAGE),
+        lengths=(None, None),
+        truncate=True if body.truncate is None else body.truncate,
+    )
+    q_encoded, p_encoded = await _both_sides(service, request, sides)
+    texts = sides.passages
     table = _scores(q_encoded.outputs, p_encoded.outputs, len(texts), body.weights or (1.0, 1.0, 1.0))
     mode = next(m for m in ("colbert+sparse+dense", "dense", "sparse") if m in table)
     order = np.argsort(-table[mode], kind="stable")

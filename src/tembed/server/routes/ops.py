@@ -11,12 +11,12 @@ from tembed.server.responses import JsonResponse
 from tembed.server.routes.common import service_of
 
 router = APIRouter()
-PUBLIC_ROUTES = {("GET", "/health"), ("GET", "/ping"), ("GET", "/"), ("GET", "/metrics"), ("HEAD", "/health")}
+PUBLIC_ROUTES = {(method, path) for method in ("GET", "HEAD") for path in ("/health", "/ping", "/", "/metrics")}
 
 
-@router.get("/health")
-@router.get("/ping")
-@router.get("/")
+@router.api_route("/health", methods=["GET", "HEAD"])
+@router.api_route("/ping", methods=["GET", "HEAD"])
+@router.api_route("/", methods=["GET", "HEAD"])
 async def health(request: Request) -> JsonResponse:
     """200 ``{"status": "ok"}`` while the model can serve; 503 (``Retry-After``) once a worker died or the server
     is shutting down."""
@@ -30,7 +30,7 @@ async def health(request: Request) -> JsonResponse:
     )
 
 
-@router.get("/metrics")
+@router.api_route("/metrics", methods=["GET", "HEAD"])
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     registry = service_of(request).metrics.registry
