@@ -56,7 +56,8 @@ bench: test-deps
 
 # The HTTP server against the library and a plain sentence-transformers server, on 127.0.0.1 (docs/server.md).
 bench-server: test-deps
-	$(BIN)/python benchmarks/server_bench.py
+	mkdir -p build
+	$(BIN)/python benchmarks/server_bench.py --out build/server_bench.json
 
 # tembed serve on the bundled default model, on 127.0.0.1:8080.
 serve: install

@@ -30,8 +30,27 @@ def stderr_is_terminal() -> bool:
         return False
 
 
+class NoBar:
+    """What :func:`progress_bar` gives when no bar is drawn: no tqdm object, no monitor thread, no cost per call
+    (a server encodes hundreds of small calls a second)."""
+
+    def update(self, count: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> NoBar:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+
 def progress_bar(total: int | None, show: bool, *, desc: str = "Encoding") -> Any:
-    """A tqdm bar over texts (disabled when ``show`` is False; tqdm is imported only then)."""
+    """A tqdm bar over texts when ``show``, else a :class:`NoBar` (tqdm is imported only for a real bar)."""
+    if not show:
+        return NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="text", disable=not show, leave=False)
+    return tqdm(total=total, desc=desc, unit="text", leave=False)

@@ -50,6 +50,20 @@ class TextTokenizer:
         with self._lock:  # an untruncated call resets the shared truncation setting too
             return len(self.hf(text, add_special_tokens=False, truncation=False)["input_ids"])
 
+    def lengths(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text with special tokens, untruncated: what :meth:`encode` gives before truncation (the fast
+        tokenizer's Rust encoder directly, about half the cost of the Python call for one short text)."""
+        if not texts:
+            return []
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is None:  # a slow tokenizer
+            return [len(ids) for ids in self.encode(texts, 1 << 30)]
+        with self._lock:  # transformers sets truncation and padding again on its next call
+            backend.no_truncation()
+            backend.no_padding()
+            encodings = backend.encode_batch(list(texts), add_special_tokens=True)
+        return [len(encoding.ids) for encoding in encodings]
+
     def special_ids_without_weight(self) -> set[int]:
         """Token ids that never get a sparse weight: CLS, EOS, PAD and UNK, as BGE-M3 does."""
         ids = (self.hf.cls_token_id, self.hf.eos_token_id, self.hf.pad_token_id, self.hf.unk_token_id)

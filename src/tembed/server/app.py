@@ -46,7 +46,12 @@ def create_app(encoder: Encoder, config: ServerConfig | None = None, *, close_en
             encoder.close()
             print("tembed serve: requests drained, model closed", file=sys.stderr, flush=True)
 
-    app = FastAPI(title="tembed", summary="Text embeddings: OpenAI, TEI and native M3 routes", lifespan=lifespan)
+    app = FastAPI(
+        title="tembed",
+        summary="Text embeddings: OpenAI, TEI and native M3 routes",
+        lifespan=lifespan,
+        **_no_telemetry(),
+    )
     app.state.service = service
     for module in (openai, tei, native, ops):
         app.include_router(module.router)
@@ -55,6 +60,16 @@ def create_app(encoder: Encoder, config: ServerConfig | None = None, *, close_en
     app.add_middleware(ApiKeyMiddleware, api_key=config.api_key, public=ops.PUBLIC_ROUTES)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
+
+
+def _no_telemetry() -> dict[str, Any]:
+    """FastAPI's own OpenTelemetry (recent versions) off: no traces, metrics or logs leave through it, and no
+    per-request check of global providers. Older FastAPI versions have no such option."""
+    import inspect
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "auto_configure": False}}
 
 
 def _add_error_handlers(app: FastAPI) -> None:

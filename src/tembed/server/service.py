@@ -251,8 +251,7 @@ class EmbeddingService:
     ) -> Counted:
         """Tokens per text as the model will see them (instruction and special tokens, after truncation)."""
         instruction, template = self.settings.instruction_for(options)
-        token_ids = self.tokenizer.encode(apply_instruction(list(texts), instruction, template), limit + 1)
-        counts = [len(ids) for ids in token_ids]
+        counts = self.tokenizer.lengths(apply_instruction(list(texts), instruction, template))
         long = [index for index, count in enumerate(counts) if count > limit]
         if long and not truncate:
             raise item_error(
