@@ -226,6 +226,20 @@ def test_scoring_routes_check_both_sides_and_their_own_fields(minilm):
         connection.close()
 
 
+def test_token_ids_can_be_refused_and_a_strict_server_names_the_wrong_model(minilm):
+    app = create_app(minilm.encoder, ServerConfig(reject_token_ids=True, strict_model=True, served_model_name="mini"))
+    with serve_in_thread(app) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.embeddings.create(model="mini", input=[[7592, 2088]])
+        assert caught.value.param == "input" and "check_embedding_ctx_length=False" in str(caught.value)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.embeddings.create(model="text-embedding-3-small", input="hello")
+        assert caught.value.param == "model" and "'mini'" in str(caught.value)
+        assert len(client.embeddings.create(model="mini", input="hello").data) == 1
+        assert [model.id for model in client.models.list().data] == ["mini"]
+
+
 @pytest.fixture(scope="module")
 def inputs_server(minilm):
     with serve_in_thread(create_app(minilm.encoder)) as base:

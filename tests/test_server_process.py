@@ -15,6 +15,7 @@ import numpy as np
 import openai
 import pytest
 from huggingface_hub import InferenceClient
+from sentence_transformers import SentenceTransformer
 
 from server_harness import ServerProcess, get, overload, post
 
@@ -56,6 +57,8 @@ def test_tembed_serve_answers_real_clients_then_drains_on_sigterm(minilm, minilm
         answer = client.embeddings.create(model="minilm", input=texts)  # the client's default: base64
         vectors = np.asarray([item.embedding for item in answer.data], dtype=np.float32)
         assert np.abs(vectors - expected).max() < 1e-6 and answer.model == "minilm"
+        reference = SentenceTransformer(minilm_path, device="cpu").encode(texts, normalize_embeddings=True)
+        assert np.sum(vectors * reference, axis=1).min() >= 0.99999
         hub = InferenceClient(model=server.base, api_key="k1")
         assert np.abs(hub.feature_extraction(texts[0]) - expected[:1]).max() < 1e-6
         # SIGTERM while a long request is in flight: it is answered, then the server exits.
