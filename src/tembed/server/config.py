@@ -11,8 +11,8 @@ DEFAULT_QUEUE_TIMEOUT = 5.0
 DEFAULT_SERVER_BATCH_TOKENS = 16_384
 """The tokens per encode call when the model's settings set no budget (GPUs): TEI's default."""
 PAYLOAD_BYTES_PER_TOKEN = 128
-"""Body bytes allowed per token of ``max_request_tokens``: room for JSON escapes (``\\uXXXX`` is 6 bytes a
-character) and long tokens; 300,000 tokens give 38.4 MB."""
+"""Body bytes allowed per token of ``max_request_tokens``: room for JSON escapes (a ``\\u`` escape is 6 bytes
+a character) and long tokens; 300,000 tokens give 38.4 MB."""
 API_KEY_ENV = "TEMBED_API_KEY"
 
 

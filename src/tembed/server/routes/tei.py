@@ -14,6 +14,7 @@ from tembed.server.responses import JsonResponse, check_dimensions, cost_headers
 from tembed.server.routes.common import check_truncation_direction, role_for, service_of
 from tembed.server.schemas import DecodeRequest, EmbedRequest, EmbedSparseRequest, TokenizeRequest
 from tembed.settings import EncodeOptions
+from tembed.text import apply_instruction
 
 router = APIRouter()
 
@@ -66,8 +67,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JsonResponse:
     service = service_of(request)
     texts = service.texts_of(body.inputs, "inputs")
     instruction, template = service.settings.instruction_for(EncodeOptions(role=role_for(None, body.prompt_name)))
-    if instruction:
-        texts = [template.format(instruction, text) for text in texts]
+    texts = apply_instruction(texts, instruction, template)  # as the encoder applies it
 
     def run() -> list:
         return [
