@@ -20,12 +20,15 @@ import typer
 from tembed.cli.common import DEVICE_HELP, MODEL_HELP, TRUST_REMOTE_CODE_HELP, parse_device
 from tembed.jobs import DEFAULT_CHUNK_SIZE
 from tembed.models.registry import DEFAULT_MODEL
+from tembed.ray.dataset import DEFAULT_STALL_TIMEOUT
+from tembed.ray.shards import DEFAULT_SHARD_LINES
 from tembed.types import Role
 
 if TYPE_CHECKING:
     from tembed.encoder import Encoder
     from tembed.jobs.corpus import JobOptions
     from tembed.jobs.plan import CorpusRequest
+    from tembed.ray.run import RayJobOptions
     from tembed.settings import EmbedderConfig, EncodeOptions
 
 KIND_HELP = "passage (corpus instruction and length), query, or plain (no instruction)."
@@ -80,6 +83,31 @@ UniqueIds = Annotated[
 ]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE_HELP)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")]
+Engine = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="local (this machine; OUTPUT a file) or ray (Ray Data actors; INPUT a file, folder or glob, OUTPUT a "
+        "folder of Parquet files). Needs the tembed[ray] extra; see docs/ray.md.",
+    ),
+]
+Address = Annotated[
+    str,
+    typer.Option(
+        "--address", help="Ray: local (a private instance for this run), auto (this machine's cluster) or HOST:PORT."
+    ),
+]
+Actors = Annotated[int | None, typer.Option("--actors", min=1, help="Ray: actors (default: as many as fit).")]
+CpusPerActor = Annotated[
+    float, typer.Option("--cpus-per-actor", min=0.01, help="Ray: CPUs per actor, also its threads.")
+]
+GpusPerActor = Annotated[float, typer.Option("--gpus-per-actor", min=0, help="Ray: GPUs per actor (0: CPU actors).")]
+ShardLines = Annotated[
+    int, typer.Option("--shard-lines", min=1, help="Ray: lines (rows) per shard: the unit of work and of --resume.")
+]
+StallTimeout = Annotated[
+    float, typer.Option("--stall-timeout", min=1, help="Ray: seconds without a shard finishing before an error.")
+]
 
 
 def open_job_encoder(config: EmbedderConfig, device: str | list[str] | None) -> Encoder:
@@ -114,8 +142,16 @@ def encode_command(
     unique_ids: UniqueIds = False,
     trust_remote_code: TrustRemoteCode = False,
     quiet: Quiet = False,
+    engine: Engine = "local",
+    address: Address = "local",
+    actors: Actors = None,
+    cpus_per_actor: CpusPerActor = 1.0,
+    gpus_per_actor: GpusPerActor = 0.0,
+    shard_lines: ShardLines = DEFAULT_SHARD_LINES,
+    stall_timeout: StallTimeout = DEFAULT_STALL_TIMEOUT,
 ) -> None:
-    """Embed a corpus file to parquet or npy: streamed, checkpointed per chunk, resumable with --resume."""
+    """Embed a corpus file to parquet or npy (streamed, checkpointed per chunk, resumable with --resume), or with
+    --engine ray a file, folder or glob to a folder of parquet files on Ray actors."""
     from tembed.jobs.corpus import JobOptions
     from tembed.jobs.errors import EXIT_INTERRUPTED, EXIT_REFUSED, JobError, JobInterrupted
     from tembed.jobs.plan import CorpusRequest
@@ -132,8 +168,17 @@ def encode_command(
     except (TypeError, ValueError) as error:  # an option EmbedderConfig / EncodeOptions refuses
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(EXIT_REFUSED) from None
+    if engine not in ("local", "ray"):
+        typer.echo(f"error: --engine {engine!r}: use local or ray", err=True)
+        raise typer.Exit(EXIT_REFUSED)
     with _sigterm_as_keyboard_interrupt():
         try:
+            if engine == "ray":
+                ray_options = _ray_options(
+                    address, actors, cpus_per_actor, gpus_per_actor, shard_lines, stall_timeout, devices
+                )
+                run_ray_encode(request, config, options, job_options, ray_options)
+                return
             with contextlib.ExitStack() as held:  # what the run holds to its end (the output's lock), released last
                 run_encode(request, config, options, job_options, devices, held)
         except JobError as stop:
@@ -142,6 +187,43 @@ def encode_command(
         except JobInterrupted as stopped:
             typer.echo(str(stopped), err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _ray_options(
+    address: str,
+    actors: int | None,
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+    shard_lines: int,
+    stall_timeout: float,
+    devices: str | list[str] | None,
+) -> RayJobOptions:
+    from tembed.jobs.errors import EXIT_REFUSED, JobError
+
+    if isinstance(devices, list):
+        raise JobError("--engine ray runs one device per actor: pass --device cpu or cuda, and --actors", EXIT_REFUSED)
+    from tembed.ray.run import RayJobOptions
+
+    return RayJobOptions(address, actors, cpus_per_actor, gpus_per_actor, shard_lines, stall_timeout, devices)
+
+
+def run_ray_encode(
+    request: CorpusRequest,
+    config: EmbedderConfig,
+    options: EncodeOptions,
+    job_options: JobOptions,
+    ray_options: RayJobOptions,
+) -> None:
+    """The Ray engine (:func:`tembed.ray.run_ray_job`); a clear error when the ``tembed[ray]`` extra is missing."""
+    from tembed.jobs.errors import EXIT_REFUSED, JobError
+
+    try:
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise JobError('--engine ray needs Ray Data: pip install "tembed[ray]"', EXIT_REFUSED) from None
+    from tembed.ray.run import run_ray_job
+
+    run_ray_job(request, config, options, job_options, ray_options, report=_say)
 
 
 def encoder_config(

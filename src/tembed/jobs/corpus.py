@@ -236,7 +236,7 @@ class CorpusJob:
             )
             manifest.parts.append(name)
             self.known_ids.add(records)
-            manifest.tokens += _token_total(result)
+            manifest.tokens += token_total(result)
         if rejects:
             name = f"rejects-{index:06d}.jsonl"
             lines = [
@@ -339,7 +339,7 @@ def _in_file_order(first: list[Rejected], second: list[Rejected]) -> list[Reject
     return sorted(first + second, key=lambda item: item.line_number) if second else first
 
 
-def _token_total(result: EncodeOutputs) -> int:
+def token_total(result: EncodeOutputs) -> int:
     """The tokens a chunk was encoded with (instruction and special tokens included, after truncation)."""
     counts = result.token_counts
     if counts is None:

@@ -138,13 +138,13 @@ def prepare(
         denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         raise JobError(cannot_write(request.output, denied, partial.directory), EXIT_FAILED)
     source = {"path": STDIN} if request.stdin else fingerprint(request.input_path)
-    recorded = _recorded_options(request, config, options, in_format, out_format)
+    recorded = recorded_options(request, config, options, in_format, out_format)
     prepared = Prepared(request, in_format, out_format, partial, dict(source), recorded)
     prepared.resumed = _interrupted_run(prepared)
     return prepared
 
 
-def _recorded_options(
+def recorded_options(
     request: CorpusRequest, config: EmbedderConfig, options: EncodeOptions, in_format: str, out_format: str
 ) -> dict[str, Any]:
     """The options that change the vectors, recorded in the manifest and compared by --resume."""

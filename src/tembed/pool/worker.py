@@ -80,7 +80,7 @@ def worker_main(
 
     try:
         send(Hello(os.getpid()))
-        _prepare_process(threads)
+        prepare_process(threads)
         from tembed.local_encoder import LocalEncoder
 
         encoder = LocalEncoder(config, device)
@@ -98,7 +98,7 @@ def worker_main(
             encoder.close()
 
 
-def _prepare_process(threads: int | None) -> None:
+def prepare_process(threads: int | None) -> None:
     """Thread limits and a process-local tqdm lock, before the model is loaded."""
     # tqdm otherwise creates a multiprocessing lock here, registered with the resource tracker the whole pool
     # shares; a worker killed by a signal would then leave a "leaked semaphore" warning at exit.
