@@ -102,6 +102,38 @@ def test_shards_start_at_exact_cursors_and_cover_every_line_once(tmp_path):
     ]  # fmt: skip
     ids = [item.id for shard in shards for item in shard_items(shard, Fields())]
     assert ids == [f"p{i}" for i in range(23)] + ["1", "2"]
+    csv_shards = plan_shards([str(csv)], None, lines=1)  # cut by parsing: the quoted newline is not a boundary
+    assert [(s.line, s.last) for s in csv_shards] == [(0, 3), (3, 4)]
+    assert [item for s in csv_shards for item in shard_items(s, Fields())] == list(Reader(str(csv), "csv"))
+
+
+def test_a_parquet_shard_starting_deep_in_a_row_group_reads_each_row_once(tmp_path):
+    rows = 12000  # one row group of 12,000 rows, read in batches of 1,024: shards start mid-group
+    path = tmp_path / "one_group.parquet"
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(rows)], "text": [f"t{i}" for i in range(rows)]}), path)
+    shards = plan_shards([str(path)], None, lines=5000)
+    items = [item for shard in shards for item in shard_items(shard, Fields())]
+    assert [item.id for item in items] == [f"d{i}" for i in range(rows)]
+    assert [item.line_number for item in items] == list(range(1, rows + 1))
+
+
+def test_what_the_ray_engine_cannot_do_is_refused_before_anything_is_written(tmp_path, corpus):
+    out = tmp_path / "out"
+    cases = [
+        (["--resume", "--restart"], "--resume and --restart contradict each other"),
+        (["--unique-ids"], "--unique-ids needs one reader"),
+        (["-o", str(tmp_path / "x.npy")], "not a .npy file"),
+        (["-m", str(tmp_path / "no-such-model")], "cannot load"),
+    ]
+    for extra, message in cases:
+        result = run_cli(str(corpus), "-o", str(out), "--engine", "ray", *extra)
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not out.exists()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.parquet").write_bytes(b"not parquet at all")
+    result = run_cli(str(bad), "-o", str(out), "--engine", "ray")
+    assert result.exit_code == 2 and "broken.parquet: cannot be read" in result.output
 
 
 def test_naming_a_record_keeps_the_exception_type():
@@ -138,19 +170,15 @@ def two_nodes():
         cluster.shutdown()
 
 
-def test_map_batches_gives_the_embedders_three_outputs_in_plain_arrow_types(two_nodes, tiny_m3_path, tmp_path):
-    texts = corpus_texts(40, seed=1)
-    config = EmbedderConfig(model=tiny_m3_path, backend="torch")
-    options = EncodeOptions(role="query", outputs=("dense", "sparse", "colbert"))
-    ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)], override_num_blocks=4)
-    encoded = encode_dataset(ds, config, options, actors=1, batch_size=16, reserve_cpus=1)
-    encoded.write_parquet(str(tmp_path / "out"))
-    table = pq.read_table(tmp_path / "out")  # plain pyarrow, no Ray types
-    table = table.take(np.argsort(np.array(table["id"].to_pylist(), dtype=int)))
-    assert table["id"].to_pylist() == [str(i) for i in range(len(texts))]
-    with Embedder(tiny_m3_path, backend="torch", device="cpu") as model:
-        expected = model.encode_queries(texts, outputs=("dense", "sparse", "colbert"))
-        wanted = writers.schema(options.outputs, model.settings_.dim, model.settings_.colbert_dim)
+M3_OUTPUTS = ("dense", "sparse", "colbert")
+
+
+def assert_matches_embedder(table: pa.Table, texts: list[str], model_path: str, role: str) -> None:
+    """The table's columns are the local schema's and its rows equal a single-process Embedder's outputs (1e-6)."""
+    with Embedder(model_path, backend="torch", device="cpu") as model:
+        encode = model.encode_queries if role == "query" else model.encode_corpus
+        expected = encode(texts, outputs=M3_OUTPUTS)
+        wanted = writers.schema(M3_OUTPUTS, model.settings_.dim, model.settings_.colbert_dim)
     assert [(f.name, f.type) for f in table.schema] == [(f.name, f.type) for f in wanted]
     dense = np.array(table["dense"].to_pylist(), dtype=np.float32)
     np.testing.assert_allclose(dense, expected.dense, atol=TOL, rtol=0)
@@ -160,6 +188,19 @@ def test_map_batches_gives_the_embedders_three_outputs_in_plain_arrow_types(two_
         np.testing.assert_allclose(weights, [sparse[i] for i in ids], atol=TOL, rtol=0)
     for row, vectors in enumerate(expected.colbert):
         np.testing.assert_allclose(np.array(table["colbert"][row].as_py()), vectors, atol=TOL, rtol=0)
+
+
+def test_map_batches_gives_the_embedders_three_outputs_in_plain_arrow_types(two_nodes, tiny_m3_path, tmp_path):
+    texts = corpus_texts(40, seed=1)
+    config = EmbedderConfig(model=tiny_m3_path, backend="torch")
+    options = EncodeOptions(role="query", outputs=M3_OUTPUTS)
+    ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)], override_num_blocks=4)
+    encoded = encode_dataset(ds, config, options, actors=1, batch_size=16, reserve_cpus=1)
+    encoded.write_parquet(str(tmp_path / "out"))
+    table = pq.read_table(tmp_path / "out")  # plain pyarrow, no Ray types
+    table = table.take(np.argsort(np.array(table["id"].to_pylist(), dtype=int)))
+    assert table["id"].to_pylist() == [str(i) for i in range(len(texts))]
+    assert_matches_embedder(table, texts, tiny_m3_path, "query")
 
 
 def test_an_error_in_an_actor_reaches_the_caller_with_its_type_and_the_record(two_nodes, minilm_path):
@@ -220,7 +261,7 @@ def test_the_ray_command_writes_what_the_local_command_writes(two_nodes, corpus,
     assert again.exit_code == 2 and "holds a finished run" in again.output and "--resume" in again.output
 
 
-def test_bad_records_name_file_and_line_or_go_to_the_rejects(two_nodes, minilm_path, tmp_path):
+def test_bad_records_name_file_and_line_or_go_to_the_rejects(two_nodes, tiny_m3_path, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     write_jsonl(data / "a.jsonl", ["first text", "second text"])
@@ -229,14 +270,18 @@ def test_bad_records_name_file_and_line_or_go_to_the_rejects(two_nodes, minilm_p
     (data / "b.csv").write_text('id,text\nb-1,"a csv text"\nb-2,\nb-3,last csv text\n')
     pq.write_table(pa.table({"id": ["c-1", "c-2"], "text": ["parquet one", "parquet two"]}), data / "c.parquet")
     out = tmp_path / "out"
-    args = [str(data), "-o", str(out), "-m", minilm_path, "--backend", "torch", "--engine", "ray", "--actors", "1"]
+    args = [str(data), "-o", str(out), "-m", tiny_m3_path, "--backend", "torch", "--engine", "ray", "--actors", "1"]
+    args += ["--dense", "--sparse", "--colbert"]
     failed = run_cli(*args)
     assert failed.exit_code == 1
     assert f"{data / 'a.jsonl'} line 3: not valid JSON" in failed.output or f"{data / 'b.csv'} line 3" in failed.output
     assert "--skip-invalid" in failed.output and "--resume" in failed.output
     result = run_cli(*args, "--restart", "--skip-invalid")
     assert result.exit_code == 0, result.output
-    assert pq.read_table(out)["id"].to_pylist() == ["doc-0", "doc-1", "a-3", "b-1", "b-3", "c-1", "c-2"]
+    table = pq.read_table(out)
+    assert table["id"].to_pylist() == ["doc-0", "doc-1", "a-3", "b-1", "b-3", "c-1", "c-2"]
+    texts = ["first text", "second text", "after the bad line", "a csv text", "last csv text", "parquet one"]
+    assert_matches_embedder(table, [*texts, "parquet two"], tiny_m3_path, "passage")
     with open(str(out) + ".rejects.jsonl") as handle:
         rejects = [json.loads(line) for line in handle]
     assert [(os.path.basename(r["input"]), r["line"]) for r in rejects] == [("a.jsonl", 3), ("b.csv", 3)]
@@ -344,6 +389,10 @@ def test_ctrl_c_then_driver_killed_then_resume_completes_without_duplicates(
     result = run_ray_job(request, config, EncodeOptions(role="passage"), options, RayJobOptions(shard_lines=40))
     assert result.shards_before == done_before and result.rows_done == 600 - 40 * done_before
     assert_same_output(out, local_output)
+    # Resuming with another backend would mix vectors of two backends in one folder: refused.
+    other = run_cli(*args, "--resume", "--backend", "onnx")
+    assert other.exit_code == 2 and "cannot resume: the model differs" in other.output
+    assert "backend 'torch' -> 'onnx'" in other.output
 
 
 def test_a_stalled_run_stops_with_a_clear_error(two_nodes, corpus, minilm_path, tmp_path):

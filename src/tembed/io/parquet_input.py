@@ -44,6 +44,9 @@ def parquet_rows(
         if not groups:
             return
         for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, row_groups=groups, columns=wanted):
+            if skip >= batch.num_rows:  # the start may lie many batches into its row group
+                skip -= batch.num_rows
+                continue
             columns = {name: _column_values(batch.column(name)) for name in wanted}
             for position in range(skip, batch.num_rows):
                 yield {name: values[position] for name, values in columns.items()}

@@ -54,7 +54,7 @@ def ray_session(address: str = "local", num_cpus: int | None = None, **init_opti
     # Ray's own chatter (the token-auth notice, Data's execution plan, ray-project/ray#53727's harmless C++ error
     # line) stays out of the job's output; failures still arrive as exceptions. Set these variables to see it.
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # tembed says each failure in one line
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     options.update(init_options)
     if address == "local":

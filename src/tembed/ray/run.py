@@ -12,7 +12,9 @@ and every id on resume; the shard manifest needs none of that and cannot duplica
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -99,22 +101,25 @@ def run_ray_job(
         JobInterrupted: Ctrl-C / SIGTERM; the shards done are kept for ``--resume``.
     """
     started = time.perf_counter()
-    if job_options.unique_ids:
-        raise JobError("--unique-ids needs one reader of the whole input; --engine ray reads shards in parallel")
+    _check_request(request, job_options, ray_options)
     folder = OutputFolder(os.path.abspath(request.output))
     try:
         files = input_files(request.input_path)
-        shards = plan_shards(files, request.input_format, ray_options.shard_lines)
+        shards = plan_shards(files, request.input_format, ray_options.shard_lines, _fields(request))
     except InputError as error:
         raise JobError(str(error), EXIT_REFUSED) from None
+    inside = [path for path in files if os.path.abspath(path).startswith(folder.path.rstrip(os.sep) + os.sep)]
+    if inside:
+        raise JobError(f"{inside[0]} is inside the output folder {folder.path}: choose another output", EXIT_REFUSED)
     formats = sorted({shard.fmt for shard in shards})
     recorded = recorded_options(request, config, options, ",".join(formats), "parquet")
-    manifest = {
+    manifest: dict[str, Any] = {
         "version": _MANIFEST_VERSION,
         "options": recorded,
         "inputs": [fingerprint(path) for path in files],
         "shard_lines": ray_options.shard_lines,
         "shards": len(shards),
+        "model": _model_record(config, _device(ray_options)),
     }
     with contextlib.ExitStack() as held:
         _lock(folder, held)
@@ -127,12 +132,47 @@ def run_ray_job(
         todo = [s for s in shards if s.index not in done]
         if todo:
             spec = ShardSpec(folder.path, _fields(request), job_options.skip_invalid, job_options.chunk_size, recorded)
+            files_read = tuple(sorted({(s.path, s.fmt) for s in shards}))
+            spec = dataclasses.replace(spec, files=files_read, model=manifest["model"])
             _run_shards(todo, config, options, spec, ray_options, job_options, result)
         _finish(folder, shards, manifest, job_options, result)
     result.seconds = time.perf_counter() - started
     if not job_options.quiet:
         report(ray_summary(result, folder))
     return result
+
+
+def _check_request(request: CorpusRequest, job_options: JobOptions, ray_options: RayJobOptions) -> None:
+    """Refuse what the Ray engine cannot do, before anything is read or written."""
+    refusals = [
+        (job_options.unique_ids, "--unique-ids needs one reader of the whole input; --engine ray reads shards"),
+        (request.resume and request.restart, "--resume and --restart contradict each other: pass one"),
+        (request.output.lower().endswith(".npy"), "--engine ray writes a folder of Parquet files, not a .npy file"),
+        (
+            bool(ray_options.gpus_per_actor) and ":" in (ray_options.device or ""),
+            "--device cuda:N with --engine ray: Ray gives each actor its own GPUs; pass --device cuda",
+        ),
+    ]
+    for refused, message in refusals:
+        if refused:
+            raise JobError(message, EXIT_REFUSED)
+
+
+def _device(ray_options: RayJobOptions) -> str:
+    return ray_options.device or ("cuda" if ray_options.gpus_per_actor else "cpu")
+
+
+def _model_record(config: EmbedderConfig, device: str) -> dict[str, Any]:
+    """What the model resolves to here (backend, device type, files), checked on every actor and by --resume;
+    a model that cannot be found is refused before the output folder is touched."""
+    from tembed.jobs.plan import model_record
+    from tembed.settings import resolve_settings
+
+    try:
+        settings, _ = resolve_settings(config, device)
+    except Exception as error:
+        raise JobError(f"cannot load {config.model}: {one_line(error)}", EXIT_REFUSED) from None
+    return model_record(settings, [device])
 
 
 def _fields(request: CorpusRequest) -> Fields:
@@ -156,12 +196,12 @@ def _start_or_resume(folder: OutputFolder, request: CorpusRequest, manifest: dic
     it is the same job), discarded (--restart) or refused."""
     if os.path.exists(folder.path) and not os.path.isdir(folder.path):
         raise JobError(f"{folder.path} is a file: --engine ray writes a folder of Parquet files", EXIT_REFUSED)
-    recorded = _read_manifest(folder)
-    if recorded is None:
+    recorded = None if request.restart and not request.resume else _read_manifest(folder)
+    if request.restart and os.path.isdir(folder.path) and os.path.isfile(folder.manifest):
+        _discard(folder)
+    elif recorded is None:
         if os.path.isdir(folder.path) and os.listdir(folder.path):
             raise JobError(f"{folder.path} exists and is not a tembed output folder: choose a new one", EXIT_REFUSED)
-    elif request.restart:
-        _discard(folder)
     elif request.resume:
         _check_same_job(folder, recorded, manifest)
         shutil.rmtree(folder.temporary, ignore_errors=True)  # files of actors killed mid-shard
@@ -178,17 +218,35 @@ def _start_or_resume(folder: OutputFolder, request: CorpusRequest, manifest: dic
 
 
 def _read_manifest(folder: OutputFolder) -> dict[str, Any] | None:
+    loaded: Any
     try:
         with open(folder.manifest, "rb") as handle:
-            loaded: dict[str, Any] = json.load(handle)
-            return loaded
+            loaded = json.load(handle)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as error:
-        raise JobError(f"{folder.manifest}: unreadable ({error}); pass --restart to start over", EXIT_REFUSED) from None
+        loaded = None
+        problem = str(error)
+    else:
+        problem = "not a tembed run manifest"
+    if isinstance(loaded, dict) and isinstance(loaded.get("options"), dict):
+        return loaded
+    raise JobError(f"{folder.manifest}: unreadable ({problem}); pass --restart to start over", EXIT_REFUSED)
 
 
 def _check_same_job(folder: OutputFolder, recorded: dict[str, Any], manifest: dict[str, Any]) -> None:
+    if recorded.get("model") != manifest["model"]:
+        before = recorded["model"] if isinstance(recorded.get("model"), dict) else {}
+        changed = [
+            f"{key} {before.get(key)!r} -> {value!r}"
+            for key, value in manifest["model"].items()
+            if before.get(key) != value
+        ]
+        raise JobError(
+            f"cannot resume: the model differs from the interrupted run ({'; '.join(changed)}); rerun with the same "
+            f"model, backend and device, or with --restart",
+            EXIT_REFUSED,
+        )
     for key in ("version", "shard_lines", "shards"):
         if recorded.get(key) != manifest[key]:
             raise JobError(f"{folder.path}: the interrupted run has another {key}; pass --restart", EXIT_REFUSED)
@@ -281,8 +339,8 @@ def _shard_dataset(
     except ResourceError as error:
         raise JobError(str(error), EXIT_REFUSED) from None
     result.actors = actors
-    device = ray_options.device or ("cuda" if gpus else "cpu")
-    kwargs = {"config": config, "options": options, "spec": spec, "device": device, "threads": max(1, round(cpus))}
+    device = _device(ray_options)
+    kwargs = {"config": config, "options": options, "spec": spec, "device": device, "threads": max(1, math.ceil(cpus))}
     dataset = ray.data.from_items([shard.as_row() for shard in todo], override_num_blocks=len(todo))
     return dataset.map_batches(
         ShardEncoder,
@@ -300,14 +358,16 @@ def _consume(
 ) -> None:
     show = job_options.progress and not job_options.quiet
     total = None
-    if show:
-        paths = sorted({(shard.path, shard.fmt) for shard in todo})
-        counts = [count_items(path, fmt) for path, fmt in paths]
-        total = sum(c or 0 for c in counts)
-    bar = progress_bar(total, 0, show)
+    if show:  # the whole input's lines (a bound on its records), the shards done before counted in
+        total = sum(count_items(path, fmt) or 0 for path, fmt in spec.files)
+    bar = progress_bar(total, result.rows + result.rejected, show)
     first_ready = None
+    seen: set[int] = set()
     try:
         for row in dataset.iter_rows():
+            if row["shard"] in seen:  # a shard run again after its actor died: its part file was replaced
+                continue
+            seen.add(row["shard"])
             result.rows += row["rows"]
             result.rows_done += row["rows"]
             result.rejected += row["rejected"]

@@ -31,6 +31,7 @@ from tembed.io.files import fsync_directory, synced_file, write_durably
 from tembed.io.readers import Item, Record, Rejected
 from tembed.jobs.corpus import CHUNK_OUTPUT_BYTES, token_total
 from tembed.jobs.errors import error_text
+from tembed.jobs.plan import model_record
 from tembed.jobs.records import OutputWeigher, chunks, split_items
 from tembed.ray.batch import TableEncoder, naming_record
 from tembed.ray.shards import Fields, Shard, shard_items
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
     from tembed.outputs import EncodeOutputs
 
-__all__ = ["BadRecord", "OutputFolder", "ShardEncoder", "ShardSpec", "summary_schema"]
+__all__ = ["BadRecord", "ModelMismatch", "OutputFolder", "ShardEncoder", "ShardSpec", "summary_schema"]
 
 
 class BadRecord(ValueError):
@@ -89,6 +90,9 @@ class ShardSpec:
         skip_invalid: bad records go to the rejects instead of failing the run.
         chunk_size: records per encode call and per row group.
         metadata: the schema's ``b"tembed"`` metadata beyond model, kind and dim (the run's options).
+        files: every input file and its format (for the driver's progress bar).
+        model: what the model must resolve to on every actor (:func:`~tembed.jobs.plan.model_record`: backend,
+            device type, files fingerprint), so that no output mixes vectors of different models or backends.
     """
 
     output: str
@@ -96,6 +100,25 @@ class ShardSpec:
     skip_invalid: bool = False
     chunk_size: int = 2048
     metadata: dict[str, Any] = field(default_factory=dict)
+    files: tuple[tuple[str, str], ...] = ()
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelMismatch(RuntimeError):
+    """An actor's model resolved to another backend, device type or model files than the run's."""
+
+
+def _check_model(expected: dict[str, Any], loaded: dict[str, Any]) -> None:
+    if expected == loaded:
+        return
+    keys = sorted(set(expected) | set(loaded))
+    changed = [
+        f"{key} {expected.get(key)!r} -> {loaded.get(key)!r}" for key in keys if expected.get(key) != loaded.get(key)
+    ]
+    raise ModelMismatch(
+        f"the model on this node differs from the run's ({'; '.join(changed)}): install the same model files and "
+        f"tembed on every node"
+    )
 
 
 def _node_id() -> str:
@@ -155,6 +178,8 @@ class ShardEncoder:
         self.spec = spec
         self.folder = OutputFolder(spec.output)
         self.core = TableEncoder(config, options, device=device, threads=threads, metadata=spec.metadata)
+        if spec.model:
+            _check_model(spec.model, model_record(self.core.encoder.settings, [device or "cpu"]))
         self.ready = time.time()
         settings = self.core.encoder.settings
         self.weigh: Callable[[Item], int] | None = None
@@ -184,7 +209,7 @@ class ShardEncoder:
                 self._chunk(shard, chunk, writer, state)
         if state.rejects:
             lines = [
-                json.dumps({"input": shard.path, "line": r.line_number, "reason": r.reason}) + "\n"
+                json.dumps({"input": shard.name, "line": r.line_number, "reason": r.reason}) + "\n"
                 for r in sorted(state.rejects, key=lambda r: r.line_number)
             ]
             write_durably(self.folder.shard_rejects(shard.index), "".join(lines).encode())
@@ -204,7 +229,7 @@ class ShardEncoder:
     def _chunk(self, shard: Shard, chunk: list[Item], writer: Any, state: _ShardState) -> None:
         records, rejects = split_items(chunk)
         if rejects and not self.spec.skip_invalid:
-            raise BadRecord(f"{shard.path} line {rejects[0].line_number}: {rejects[0].reason}")
+            raise BadRecord(f"{shard.name} line {rejects[0].line_number}: {rejects[0].reason}")
         state.rejects.extend(rejects)
         if not records:
             return
@@ -212,7 +237,7 @@ class ShardEncoder:
         if failures:
             record, error = failures[0]
             if not self.spec.skip_invalid:
-                raise naming_record(error, f"{shard.path} line {record.line_number} (id {record.id!r})") from error
+                raise naming_record(error, f"{shard.name} line {record.line_number} (id {record.id!r})") from error
             state.rejects.extend(Rejected(r.line_number, f"encoding failed: {error_text(e)}") for r, e in failures)
         if done and result is not None:
             writer.write_table(self.core.table([r.id for r in done], result), row_group_size=len(done))
@@ -224,4 +249,4 @@ class ShardEncoder:
             return self.core.encode_records(records)
         except Exception as error:  # fails whatever the texts: name the lines, keep the type
             first, last = records[0].line_number, records[-1].line_number
-            raise naming_record(error, f"{shard.path} lines {first}-{last}") from error
+            raise naming_record(error, f"{shard.name} lines {first}-{last}") from error

@@ -5,8 +5,8 @@ writes, and the unit of ``--resume``.
 * :func:`plan_shards`: per file, shards of about ``lines`` lines (JSON Lines, text) or rows (Parquet) each, each
   starting at an exact reader cursor (byte offset and line number, found by one scan of the file on the driver),
   so that every actor reads its shard with tembed's own reader and reports bad records by file and line as the
-  single-machine job does. A CSV / TSV file is one shard (a quoted field may span lines, so lines cannot be cut
-  safely); split big CSV corpora into several files;
+  single-machine job does. CSV / TSV files are cut every ``lines`` records by parsing them on the driver (a
+  quoted field may span lines, so a newline is not a record boundary);
 * :func:`shard_items`: the items of one shard (run in the actor).
 """
 
@@ -20,11 +20,13 @@ from dataclasses import asdict, dataclass
 from tembed.io.formats import FORMATS, STDIN, detect_format
 from tembed.io.readers import Cursor, InputError, Item, Reader, start_cursor
 
-__all__ = ["DEFAULT_SHARD_LINES", "Fields", "Shard", "input_files", "plan_shards", "shard_items"]
+__all__ = ["DEFAULT_SHARD_LINES", "MAX_SHARDS", "Fields", "Shard", "input_files", "plan_shards", "shard_items"]
 
 DEFAULT_SHARD_LINES = 5000
 """Lines (rows) per shard: large enough to keep an actor busy for seconds, small enough for a fine-grained
 resume and an even spread over the actors."""
+MAX_SHARDS = 999_999
+"""Part files are named ``part-NNNNNN.parquet``: six digits keep them in input order when sorted by name."""
 _SCAN_BLOCK = 1 << 22
 _SUFFIXES = {".jsonl", ".ndjson", ".csv", ".tsv", ".tab", ".parquet", ".pq", ".txt", ".text"}
 
@@ -44,13 +46,16 @@ class Shard:
 
     Attributes:
         index: the shard's number in the whole input, from 0 (its part file is ``part-{index:06d}.parquet``).
-        path: the file; ``fmt``: its format (one of :data:`~tembed.io.formats.FORMATS`).
+        path: the file, absolute (actors on other nodes have other working folders); ``name``: the file as the
+            user gave it, for messages and the rejects file. ``fmt``: its format (see
+            :data:`~tembed.io.formats.FORMATS`).
         offset, line, row: the reader cursor the shard starts at (see :data:`~tembed.io.readers.Cursor`).
         last: the last line (row, for Parquet) of the shard, 1-based; -1: to the end of the file.
     """
 
     index: int
     path: str
+    name: str
     fmt: str
     offset: int = 0
     line: int = 0
@@ -99,23 +104,37 @@ def input_files(spec: str) -> list[str]:
     raise InputError(f"{spec}: no such file or folder")
 
 
-def plan_shards(files: list[str], fmt: str | None, lines: int = DEFAULT_SHARD_LINES) -> list[Shard]:
+def plan_shards(
+    files: list[str], fmt: str | None, lines: int = DEFAULT_SHARD_LINES, fields: Fields | None = None
+) -> list[Shard]:
     """The shards of ``files``, in input order (see the module docstring). ``fmt``: the format of every file, or
-    None (each file's suffix)."""
+    None (each file's suffix); ``fields``: where the text is (CSV / TSV files are cut by parsing them).
+
+    Raises:
+        InputError: an unknown format, a file that cannot be read (named), more than :data:`MAX_SHARDS` shards.
+    """
     if fmt is not None and fmt not in FORMATS:
         raise InputError(f"unknown input format {fmt!r}: use one of {', '.join(FORMATS)}")
     shards: list[Shard] = []
     for path in files:
         file_format = detect_format(path, fmt)
-        for cursor, last in _pieces(path, file_format, lines):
-            shards.append(Shard(len(shards), os.path.abspath(path), file_format, **cursor, last=last))
+        try:
+            pieces = _pieces(path, file_format, lines, fields or Fields())
+        except InputError:
+            raise
+        except Exception as error:  # unreadable: permissions, not Parquet, an I/O error
+            raise InputError(f"{path}: cannot be read ({type(error).__name__}: {error})") from None
+        for cursor, last in pieces:
+            shards.append(Shard(len(shards), os.path.abspath(path), path, file_format, **cursor, last=last))
+        if len(shards) > MAX_SHARDS:
+            raise InputError(f"more than {MAX_SHARDS:,} shards: raise --shard-lines or join small files")
     return shards
 
 
-def _pieces(path: str, fmt: str, lines: int) -> list[tuple[Cursor, int]]:
+def _pieces(path: str, fmt: str, lines: int, fields: Fields) -> list[tuple[Cursor, int]]:
     """``(start cursor, last line or -1)`` of each shard of one file."""
     if fmt in ("csv", "tsv"):
-        return [(start_cursor(), -1)]
+        return _record_boundaries(path, fmt, lines, fields)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -147,6 +166,23 @@ def _line_boundaries(path: str, every: int) -> list[tuple[int, int]]:
                         boundaries.append((base + position, line))
             base += len(block)
     return boundaries
+
+
+def _record_boundaries(path: str, fmt: str, every: int, fields: Fields) -> list[tuple[Cursor, int]]:
+    """Shards of ``every`` records of a CSV / TSV file, found by parsing it with tembed's reader (a quoted field
+    may span lines, so only the parser knows where a record ends); each starts at the reader's exact cursor."""
+    reader = Reader(path, fmt, text_field=fields.text, id_field=fields.id, title_field=fields.title)
+    pieces: list[tuple[Cursor, int]] = []
+    start: Cursor = start_cursor()
+    count = 0
+    for _ in reader:
+        count += 1
+        if count == every:
+            pieces.append((start, reader.cursor["line"]))
+            start, count = dict(reader.cursor), 0
+    if count or not pieces:
+        pieces.append((start, -1))
+    return pieces
 
 
 def shard_items(shard: Shard, fields: Fields) -> Iterator[Item]:
