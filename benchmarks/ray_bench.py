@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -27,28 +26,14 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from concurrency import cpu_description  # benchmarks/concurrency.py
+
 from realdata import insuranceqa_answers, sts_b
 
 LOCAL = re.compile(r"encoded ([\d,]+) texts in ([\d.]+) s \(\+([\d.]+) s loading")
 RAY = re.compile(
     r"encoded ([\d,]+) texts on (\d+) Ray actors .*?: ([\d.]+) s after start-up.*?\+([\d.]+) s starting Ray"
 )
-
-
-def cpu_description() -> str:
-    model, flags = platform.processor(), set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name") and not model:
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{model} ({os.cpu_count()} CPUs; {' '.join(shown) or 'no AVX2'})"
 
 
 def corpus(path: str, count: int) -> None:
