@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--only", nargs="*", help="run only the variants whose name contains one of these")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="tembed-ray-bench-")
     source = os.path.join(work, "corpus.jsonl")
@@ -81,6 +82,8 @@ def main() -> None:
             "2",
         ],
     }
+    if args.only:
+        variants = {n: v for n, v in variants.items() if n.startswith("local") or any(o in n for o in args.only)}
     print(f"CPU: {cpu_description()}; corpus: {args.texts:,} texts; backend {args.backend}", flush=True)
     run([*tembed, *variants["local (1 process, 2 threads)"]])  # warm the model's export cache
     best: dict[str, dict[str, float]] = {}
