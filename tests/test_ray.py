@@ -348,9 +348,9 @@ def test_ctrl_c_then_driver_killed_then_resume_completes_without_duplicates(
     one_actor = ["--actors", "1"]  # slow enough that the signals land mid-run
     # Ctrl-C: exit 130, what is kept is said, and every process the run started is gone.
     first = cli_process(*args, *one_actor)
-    wait_for(lambda: parts(out) >= 2, 180, "the first shards")
+    wait_for(lambda: parts(out) >= 1, 180, "the first shard")
     started = descendants(first.pid)
-    first.send_signal(signal.SIGINT)
+    first.send_signal(signal.SIGINT)  # after the first of 30 shards: about 8 s of work left
     _, stderr = first.communicate(timeout=60)
     assert first.returncode == 130, stderr
     assert "interrupted:" in stderr and "--resume" in stderr
