@@ -25,6 +25,7 @@ _EXPORTS = {
     "Settings": "tembed.settings",
     "list_models": "tembed.models.registry",
     "open_encoder": "tembed.encoder",
+    "quantize": "tembed.quantization",
     "resolve_model": "tembed.models.resolve",
     "resolve_settings": "tembed.settings",
 }
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from tembed.models.resolve import ModelNotFoundError, resolve_model
     from tembed.outputs import EncodeOutputs
     from tembed.pipeline import EncodeOutOfMemoryError
+    from tembed.quantization import quantize
     from tembed.settings import EmbedderConfig, EncodeOptions, Settings, resolve_settings
     from tembed.types import Role
 
@@ -68,6 +70,7 @@ __all__ = [
     "__version__",
     "list_models",
     "open_encoder",
+    "quantize",
     "resolve_model",
     "resolve_settings",
 ]

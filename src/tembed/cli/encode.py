@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from tembed.encoder import Encoder
     from tembed.jobs.corpus import JobOptions
     from tembed.jobs.plan import CorpusRequest
+    from tembed.quantization import DenseQuantization
     from tembed.ray.run import RayJobOptions
     from tembed.settings import EmbedderConfig, EncodeOptions
 
@@ -83,6 +84,22 @@ UniqueIds = Annotated[
 ]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help=TRUST_REMOTE_CODE_HELP)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")]
+Quantize = Annotated[
+    str | None,
+    typer.Option(
+        "--quantize",
+        help="Write the dense vectors as int8, uint8 (per-dimension buckets) or binary, ubinary (sign bits, packed) "
+        "in the column dense_PRECISION of a .parquet output; see docs/cli.md.",
+    ),
+]
+QuantizeRanges = Annotated[
+    str | None,
+    typer.Option(
+        "--quantize-ranges",
+        help="int8 / uint8: a .npy of shape (2, dim), the per-dimension minima and maxima to use (default: the "
+        "corpus's own).",
+    ),
+]
 Engine = Annotated[
     str,
     typer.Option(
@@ -142,6 +159,8 @@ def encode_command(
     unique_ids: UniqueIds = False,
     trust_remote_code: TrustRemoteCode = False,
     quiet: Quiet = False,
+    quantize: Quantize = None,
+    quantize_ranges: QuantizeRanges = None,
     engine: Engine = "local",
     address: Address = "local",
     actors: Actors = None,
@@ -165,6 +184,7 @@ def encode_command(
     try:
         config = encoder_config(model, backend, precision, batch_size, wanted or ("dense",), trust_remote_code)
         options = EncodeOptions(role=kind, max_length=max_length, outputs=wanted or ("dense",))
+        quantization = quantization_option(quantize, quantize_ranges, output, options.outputs, engine)
     except (TypeError, ValueError) as error:  # an option EmbedderConfig / EncodeOptions refuses
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(EXIT_REFUSED) from None
@@ -180,7 +200,7 @@ def encode_command(
                 run_ray_encode(request, config, options, job_options, ray_options)
                 return
             with contextlib.ExitStack() as held:  # what the run holds to its end (the output's lock), released last
-                run_encode(request, config, options, job_options, devices, held)
+                run_encode(request, config, options, job_options, devices, held, quantization)
         except JobError as stop:
             typer.echo(f"error: {stop}", err=True)
             raise typer.Exit(stop.code) from None
@@ -226,6 +246,37 @@ def run_ray_encode(
     run_ray_job(request, config, options, job_options, ray_options, report=_say)
 
 
+def quantization_option(
+    precision: str | None, ranges_file: str | None, output: str, outputs: tuple[str, ...], engine: str
+) -> DenseQuantization | None:
+    """The run's :class:`~tembed.quantization.DenseQuantization` from ``--quantize`` / ``--quantize-ranges`` (None
+    without ``--quantize``); ValueError naming the problem for a combination that cannot run."""
+    from tembed.io.writers import output_format
+    from tembed.quantization import PRECISIONS, DenseQuantization, load_ranges
+
+    if precision is None:
+        if ranges_file is not None:
+            raise ValueError("--quantize-ranges needs --quantize int8 or uint8")
+        return None
+    if precision not in PRECISIONS:
+        raise ValueError(f"--quantize {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if engine == "ray":
+        raise ValueError("--quantize is not supported with --engine ray: quantize with --engine local")
+    if "dense" not in outputs:
+        raise ValueError(f"--quantize quantizes the dense vectors: add --dense (the outputs are {', '.join(outputs)})")
+    try:
+        npy = output_format(output) == "npy"
+    except ValueError:  # a bad suffix is reported with the other checks of the output
+        npy = False
+    if npy:
+        raise ValueError(f"{output}: --quantize writes a dense_{precision} column: write .parquet, not .npy")
+    if ranges_file is None:
+        return DenseQuantization(precision)
+    if precision not in ("int8", "uint8"):
+        raise ValueError(f"--quantize-ranges is for int8 and uint8: {precision} takes the sign of each value")
+    return DenseQuantization(precision, load_ranges(ranges_file), ranges_file)
+
+
 def encoder_config(
     model: str,
     backend: str,
@@ -255,8 +306,10 @@ def run_encode(
     job_options: JobOptions,
     device: str | list[str] | None,
     held: contextlib.ExitStack,
+    quantization: DenseQuantization | None = None,
 ) -> None:
-    """Check and lock (before the model loads), open the encoder, check it against an interrupted run, run the job.
+    """Check and lock (before the model loads), open the encoder, check it against an interrupted run, run the job
+    (``quantization``: how to store the dense vectors, default None: float32).
 
     Raises:
         JobError, JobInterrupted: see :meth:`tembed.jobs.corpus.CorpusJob.run`.
@@ -290,6 +343,7 @@ def run_encode(
             job_options,
             report=_say,
             load_seconds=load_seconds,
+            quantization=quantization,
         )
         job.run()
     finally:

@@ -9,6 +9,11 @@ Columns of a parquet output (and of each part file), in this order:
 
 The schema's metadata holds, under the key ``b"tembed"``, the run's options as JSON.
 
+With quantization (``tembed encode --quantize``), the merge writes, in place of ``dense``, the column
+``dense_<precision>``: ``fixed_size_list<int8 or uint8, width>`` (width ``dim`` for int8 / uint8, ``ceil(dim / 8)``
+for binary / ubinary; see :mod:`tembed.quantization`), and the metadata gains a ``"quantization"`` entry. The part
+files always hold float32 ``dense``.
+
 A ``.npy`` output holds the dense ``(n, dim)`` float32 matrix; its ids go one per line to ``NAME.ids.txt``.
 Skipped records go, one JSON object per line (``{"input", "line", "reason"}``), to ``NAME.rejects.jsonl``.
 
@@ -20,8 +25,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,10 +39,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "chunk_table",
+    "dense_ranges",
     "ids_path",
     "merge_npy",
     "merge_parquet",
     "output_format",
+    "quantize_dense",
+    "quantized_schema",
     "rejects_path",
     "schema",
     "write_durably",
@@ -152,16 +160,78 @@ def write_part(path: str, table: pa.Table) -> None:
     atomic_write(path, lambda handle: pq.write_table(table, handle, row_group_size=max(table.num_rows, 1)))
 
 
-def merge_parquet(parts: Iterable[str], destination: str, table_schema: pa.Schema) -> None:
-    """Concatenate part files, in order, into one parquet file at ``destination`` (fsynced, not renamed), one row
-    group per non-empty part, with ``table_schema``'s columns and metadata. Returns None."""
+def merge_parquet(
+    parts: Iterable[str],
+    destination: str,
+    table_schema: pa.Schema,
+    *,
+    output_schema: pa.Schema | None = None,
+    transform: Callable[[pa.Table], pa.Table] | None = None,
+) -> None:
+    """Concatenate part files (read with ``table_schema``), in order, into one parquet file at ``destination``
+    (fsynced, not renamed), one row group per non-empty part. Returns None.
+
+    ``transform`` (default None: none) maps each part's table to what is written, with ``output_schema``'s columns
+    and metadata (default: ``table_schema``); one part is in memory at a time."""
     import pyarrow.parquet as pq
 
-    with synced_file(destination) as handle, pq.ParquetWriter(handle, table_schema) as writer:
+    written_schema = table_schema if output_schema is None else output_schema
+    with synced_file(destination) as handle, pq.ParquetWriter(handle, written_schema) as writer:
         for part in parts:
             table = pq.read_table(part, schema=table_schema)
             if table.num_rows:
-                writer.write_table(table, row_group_size=table.num_rows)
+                writer.write_table(table if transform is None else transform(table), row_group_size=table.num_rows)
+
+
+def _dense_matrix(table: pa.Table) -> np.ndarray:
+    """The ``(rows, dim)`` float32 matrix of a table's ``dense`` column."""
+    column = table.column("dense").combine_chunks()
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(flat, dtype=np.float32).reshape(len(column), column.type.list_size)
+
+
+def dense_ranges(parts: Iterable[str]) -> np.ndarray | None:
+    """The exact per-dimension minima and maxima (``(2, dim)`` float32, see
+    :func:`tembed.quantization.quantization_ranges`) of the ``dense`` column of all the part files, read one part at
+    a time; None when they hold no rows."""
+    import pyarrow.parquet as pq
+
+    from tembed.quantization import update_ranges
+
+    ranges = None
+    for part in parts:
+        table = pq.read_table(part, columns=["dense"])
+        if table.num_rows:
+            ranges = update_ranges(ranges, _dense_matrix(table))
+    return ranges
+
+
+def quantized_schema(table_schema: pa.Schema, column: str, dtype: str, width: int, entry: Any) -> pa.Schema:
+    """``table_schema`` with its ``dense`` field replaced, in place, by ``column`` of type
+    ``fixed_size_list<dtype, width>`` (``dtype`` ``"int8"`` or ``"uint8"``) and ``entry`` added to the JSON under
+    ``b"tembed"`` as ``"quantization"``."""
+    import pyarrow as pa
+
+    index = table_schema.get_field_index("dense")
+    if index < 0:
+        raise ValueError("quantization needs the dense output: the schema has no dense column")
+    replaced = table_schema.set(index, pa.field(column, pa.list_(pa.from_numpy_dtype(np.dtype(dtype)), width)))
+    metadata = dict(table_schema.metadata or {})
+    options = json.loads(metadata.get(b"tembed", b"{}"))
+    metadata[b"tembed"] = json.dumps({**options, "quantization": entry}).encode()
+    return replaced.with_metadata(metadata)
+
+
+def quantize_dense(table: pa.Table, output_schema: pa.Schema, codes_of: Callable[[np.ndarray], np.ndarray]) -> pa.Table:
+    """``table`` with its float ``dense`` column replaced by the codes ``codes_of`` makes from its ``(rows, dim)``
+    float32 matrix (``(rows, width)``, of the dtype of the column in ``output_schema`` at ``dense``'s place)."""
+    import pyarrow as pa
+
+    index = table.schema.get_field_index("dense")
+    field = output_schema.field(index)
+    codes = np.ascontiguousarray(codes_of(_dense_matrix(table)))
+    column = pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1)), codes.shape[1])
+    return table.set_column(index, field, column.cast(field.type)).replace_schema_metadata(output_schema.metadata)
 
 
 def merge_npy(parts: Sequence[str], destination: str, ids_destination: str, rows: int, dim: int) -> None:

@@ -4,7 +4,8 @@ Each chunk of records is encoded through an :class:`~tembed.encoder.Encoder` (on
 job does not care), written durably to ``OUTPUT.partial/part-NNNNNN.parquet`` and recorded in the manifest with
 the reader's cursor; at the end the parts are merged into ``OUTPUT`` (see :mod:`tembed.io.checkpoint`). Bad
 records stop the job or go to the rejects file (``skip_invalid``); a chunk that fails to encode is retried by
-halves (:mod:`tembed.jobs.retry`).
+halves (:mod:`tembed.jobs.retry`). With ``quantization`` the parts stay float32 (so ``--resume`` is unchanged) and
+the dense vectors are quantized as the parts are merged into a parquet output (:mod:`tembed.quantization`).
 
 Usage (what ``tembed encode`` does, :mod:`tembed.cli.encode`)::
 
@@ -33,6 +34,7 @@ from tembed.io import writers
 from tembed.io.readers import InputError, Record, Rejected
 from tembed.jobs import DEFAULT_CHUNK_SIZE
 from tembed.jobs.errors import (
+    EXIT_REFUSED,
     WRITE_ERRNOS,
     JobError,
     bad_record,
@@ -58,8 +60,11 @@ from tembed.outputs import EncodeOutputs
 from tembed.settings import EncodeOptions, clamp_max_length
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from tembed.encoder import Encoder
     from tembed.io.readers import Item, Reader
+    from tembed.quantization import DenseQuantization
 
 CHUNK_OUTPUT_BYTES = 64_000_000
 """With ColBERT or sparse outputs, a chunk also ends once the estimated output of its records reaches this many
@@ -118,6 +123,7 @@ class CorpusJob:
         options: :class:`JobOptions`.
         report: receives the lines for the user (the resume notice, the summary).
         load_seconds: the time the model took to load, for the summary.
+        quantization: how to quantize the dense column of a parquet output at the merge (default None: float32).
     """
 
     encoder: Encoder
@@ -129,10 +135,18 @@ class CorpusJob:
     options: JobOptions = JobOptions()
     report: Report = report_to_stderr
     load_seconds: float = 0.0
+    quantization: DenseQuantization | None = None
 
     def __post_init__(self) -> None:
         settings = self.encoder.settings
         asked = self.encode_options
+        if self.quantization is not None:  # checked before anything is encoded
+            if self.out_format != "parquet" or "dense" not in asked.outputs:
+                raise JobError("quantization needs the dense output written to .parquet", EXIT_REFUSED)
+            try:
+                self.quantization.check(settings.dim)
+            except ValueError as error:
+                raise JobError(str(error), EXIT_REFUSED) from None
         # Clamped (with one warning for a --max-length beyond the model's limit) once for the whole run.
         self.token_limit = clamp_max_length(
             settings.max_length_for(asked), settings.max_seq_length, warn=asked.max_length is not None
@@ -300,7 +314,9 @@ class CorpusJob:
         parts = [partial.path(name) for name in manifest.parts]
         final_tmp = partial.path("final.tmp")
         moves = []
-        if self.out_format == "parquet":
+        if self.out_format == "parquet" and self.quantization is not None:
+            self._merge_quantized(parts, final_tmp, self.quantization)
+        elif self.out_format == "parquet":
             writers.merge_parquet(parts, final_tmp, self.table_schema)
         else:
             ids_tmp = partial.path("ids.tmp")
@@ -318,6 +334,26 @@ class CorpusJob:
         moves.append((final_tmp, self.output))
         for source, destination in moves:
             os.replace(source, destination)
+
+    def _merge_quantized(self, parts: list[str], destination: str, quantization: DenseQuantization) -> None:
+        """The parts into ``destination`` with the dense column quantized: int8 / uint8 without given ranges are
+        calibrated on the whole corpus first (one more pass over the parts' dense column)."""
+        from tembed.quantization import bytes_per_vector, quantize
+
+        dim, precision = self.encoder.settings.dim, quantization.precision
+        ranges = writers.dense_ranges(parts) if quantization.calibrated else quantization.ranges
+        entry = quantization.metadata(dim, ranges)
+        dtype = "int8" if precision in ("int8", "binary") else "uint8"
+        width = bytes_per_vector(precision, dim)
+        output_schema = writers.quantized_schema(self.table_schema, quantization.column, dtype, width, entry)
+
+        def codes_of(dense: np.ndarray) -> np.ndarray:
+            return quantize(dense, precision, ranges=ranges)
+
+        def transform(table: Any) -> Any:
+            return writers.quantize_dense(table, output_schema, codes_of)
+
+        writers.merge_parquet(parts, destination, self.table_schema, output_schema=output_schema, transform=transform)
 
     def _result(self, before: _Counters) -> JobResult:
         manifest = self.checkpoint.manifest
