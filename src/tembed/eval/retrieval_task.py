@@ -1,0 +1,219 @@
+"""``tembed.eval.retrieval``: a model on a BEIR folder, measured as MTEB measures it.
+
+Queries are encoded with the query role (the model's query instruction), the corpus with the passage role through
+the corpus job (:mod:`tembed.eval.corpus`), the corpus searched exactly a block at a time (:mod:`tembed.eval.search`)
+and the ranking scored by pytrec_eval (:mod:`tembed.eval.metrics`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tembed.eval.corpus import CorpusEmbeddings, encode_corpus
+from tembed.eval.data import beir_folder, read_qrels, read_queries
+from tembed.eval.metrics import K_VALUES, retrieval_metrics
+from tembed.eval.report import EvalReport, settings_record
+from tembed.eval.search import EncodedQueries, SearchOptions, search
+from tembed.models.registry import DEFAULT_MODEL
+from tembed.settings import EncodeOptions
+from tembed.types import Role
+
+if TYPE_CHECKING:
+    from tembed.encoder import Encoder
+    from tembed.settings import EmbedderConfig
+
+
+def retrieval(
+    data_dir: str,
+    model: str | EmbedderConfig = DEFAULT_MODEL,
+    *,
+    split: str = "test",
+    mode: str = "dense",
+    weights: Sequence[float] | None = None,
+    k_values: Sequence[int] = K_VALUES,
+    rerank_top_k: int = 100,
+    quantize: str | None = None,
+    quantize_ranges: np.ndarray | None = None,
+    rescore: bool = False,
+    rescore_multiplier: int = 4,
+    corpus_embeddings: str | None = None,
+    query_max_length: int | None = None,
+    passage_max_length: int | None = None,
+    ignore_identical_ids: bool = True,
+    device: Any = None,
+    encoder: Encoder | None = None,
+    block_rows: int | None = None,
+    progress: bool = False,
+    report: Callable[[str], None] | None = None,
+) -> EvalReport:
+    """Evaluate retrieval of ``model`` on the BEIR folder ``data_dir`` (see :mod:`tembed.eval.data`).
+
+    Args:
+        data_dir: a folder with ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv``.
+        model: a name or folder, or an :class:`~tembed.EmbedderConfig` (outputs set to the mode's needs).
+        split: the qrels file (default ``test``).
+        mode: ``dense`` (default), ``sparse`` (BGE-M3 lexical weights, SPLADE), ``colbert`` (dense, then the first
+            ``rerank_top_k``, default 100, reranked by ColBERT) or ``hybrid`` (FlagEmbedding's weighted sum with
+            ``weights = (dense, sparse, colbert)``, default ``(0.4, 0.2, 0.4)``).
+        k_values: the cut-offs (default 1, 3, 5, 10, 100, 1000); the deepest is the ranking depth.
+        quantize: ``int8``, ``uint8``, ``binary`` or ``ubinary`` dense vectors (None: float32), with the int8
+            ``quantize_ranges`` (``(2, dim)``; None: the corpus's min and max); ``rescore``: the first
+            ``depth x rescore_multiplier`` (default 4) candidates rescored with the float query.
+        corpus_embeddings: a Parquet of the encoded corpus: reused when it exists (its options checked), else
+            written there (resumed if interrupted); None: a temporary file.
+        query_max_length, passage_max_length: tokens per query / passage (None: the model's defaults).
+        ignore_identical_ids: leave out a document whose id is the query's (default True, as MTEB).
+        device: where the model runs; ``encoder``: an open encoder to use instead (left open).
+        block_rows: corpus rows per search block (None: about 8 million scores per block).
+        progress: progress bars on stderr; ``report``: receives status lines (None: silent).
+
+    Returns:
+        An :class:`~tembed.eval.report.EvalReport` whose ``metrics`` are ``ndcg_at_k``, ``map_at_k``,
+        ``recall_at_k``, ``precision_at_k`` and ``mrr_at_k`` for every k.
+    """
+    from tembed.settings import EmbedderConfig
+
+    options = SearchOptions(
+        mode=mode, weights=tuple(weights) if weights is not None else SearchOptions.weights,  # type: ignore[arg-type]
+        depth=max(k_values), rerank_top_k=rerank_top_k, quantize=quantize, ranges=quantize_ranges, rescore=rescore,
+        rescore_multiplier=rescore_multiplier, ignore_identical_ids=ignore_identical_ids, block_rows=block_rows,
+    )  # fmt: skip
+    data = beir_folder(data_dir, split)
+    qrels = read_qrels(data.qrels)
+    query_ids, query_texts = read_queries(data.queries, qrels)
+    config = _with_outputs(EmbedderConfig(model=model) if isinstance(model, str) else model, options.outputs)
+    timings: dict[str, float] = {}
+    with contextlib.ExitStack() as held:
+        started = time.perf_counter()
+        if encoder is None:
+            from tembed.encoder import open_encoder
+
+            encoder = open_encoder(config, device)
+            held.callback(encoder.close)
+        timings["load"] = time.perf_counter() - started
+        path = corpus_embeddings or os.path.join(held.enter_context(tempfile.TemporaryDirectory()), "c.parquet")
+        corpus = _corpus(data, path, encoder, config, passage_max_length, options, progress, report, timings)
+        settings = encoder.settings
+        ranking = _rank(encoder, corpus, query_ids, query_texts, query_max_length, options, timings)
+    started = time.perf_counter()
+    metrics = retrieval_metrics(qrels, ranking, k_values)
+    timings["metrics"] = time.perf_counter() - started
+    counts = {"queries_evaluated": len(query_ids), "corpus_rows": corpus.rows, "judgements": _judgements(qrels)}
+    record = _options_record(options, k_values, corpus_embeddings)
+    memory = _memory(options, settings.dim, settings.colbert_dim)
+    data_record = {**data.fingerprint(), **counts}
+    return EvalReport("retrieval", metrics, settings_record(settings), data_record, record, timings, memory)
+
+
+def _rank(
+    encoder: Encoder,
+    corpus: CorpusEmbeddings,
+    query_ids: list[str],
+    query_texts: list[str],
+    max_length: int | None,
+    options: SearchOptions,
+    timings: dict[str, float],
+) -> dict[str, list[str]]:
+    """Encode the queries (query role) and search the corpus; the seconds go to ``timings``."""
+    started = time.perf_counter()
+    query_options = EncodeOptions(role=Role.QUERY, max_length=max_length, outputs=options.outputs)
+    queries = EncodedQueries(query_ids, encoder.encode(query_texts, query_options))
+    timings["encode_queries"] = time.perf_counter() - started
+    started = time.perf_counter()
+    settings = encoder.settings
+    ranking = search(corpus, queries, options, vocab_size=settings.vocab_size, dim=settings.dim)
+    timings["search"] = time.perf_counter() - started
+    return ranking
+
+
+def _judgements(qrels: dict[str, dict[str, int]]) -> int:
+    return sum(len(docs) for docs in qrels.values())
+
+
+def _with_outputs(config: EmbedderConfig, outputs: tuple[str, ...]) -> EmbedderConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, outputs=outputs, show_progress_bar=False)
+
+
+def _corpus(
+    data: Any,
+    path: str,
+    encoder: Encoder,
+    config: EmbedderConfig,
+    max_length: int | None,
+    options: SearchOptions,
+    progress: bool,
+    report: Callable[[str], None] | None,
+    timings: dict[str, float],
+) -> CorpusEmbeddings:
+    """The encoded corpus: the file at ``path`` when it is complete (checked against the options), else encoded
+    there now (the seconds it took go to ``timings["encode_corpus"]``)."""
+    from tembed.io.checkpoint import PartialRun
+    from tembed.jobs.plan import CorpusRequest, recorded_options
+
+    passage = EncodeOptions(role=Role.PASSAGE, max_length=max_length, outputs=options.outputs)
+    columns = _columns(options)
+    if os.path.exists(path) and not PartialRun(path).exists():
+        corpus = CorpusEmbeddings(path)
+        request = CorpusRequest(data.corpus, path, "jsonl", "text", "_id", "title")
+        corpus.check(recorded_options(request, config, passage, "jsonl", "parquet"), columns)
+        if report is not None:
+            report(f"reusing the corpus embeddings in {path} ({corpus.rows:,} rows)")
+        return corpus
+    started = time.perf_counter()
+    encode_corpus(
+        data, encoder, config, passage, path, quiet=report is None, progress=progress, report=report or _silent
+    )
+    timings["encode_corpus"] = time.perf_counter() - started
+    return CorpusEmbeddings(path)
+
+
+def _columns(options: SearchOptions) -> list[str]:
+    columns = ["sparse_ids", "sparse_weights"] if "sparse" in options.outputs else []
+    if "dense" in options.outputs and options.quantize is None:
+        columns.append("dense")
+    if options.uses_colbert:
+        columns.append("colbert")
+    return columns
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def _options_record(options: SearchOptions, k_values: Sequence[int], corpus_embeddings: str | None) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "mode": options.mode,
+        "k_values": list(k_values),
+        "ignore_identical_ids": options.ignore_identical_ids,
+        "corpus_embeddings": corpus_embeddings,
+    }
+    if options.mode == "hybrid":
+        record["weights"] = list(options.weights)
+    if options.uses_colbert:
+        record["rerank_top_k"] = options.rerank_top_k
+    if options.quantize is not None:
+        record.update(quantize=options.quantize, rescore=options.rescore)
+        if options.rescore:
+            record["rescore_multiplier"] = options.rescore_multiplier
+    return record
+
+
+def _memory(options: SearchOptions, dim: int, colbert_dim: int | None) -> dict[str, Any]:
+    from tembed.quantization import bytes_per_vector
+
+    if "dense" not in options.outputs:
+        return {}
+    precision = options.quantize or "float32"
+    memory: dict[str, Any] = {"dense_precision": precision, "dense_bytes_per_vector": bytes_per_vector(precision, dim)}
+    if options.uses_colbert and colbert_dim:
+        memory["colbert_bytes_per_token"] = 4 * colbert_dim
+    return memory
