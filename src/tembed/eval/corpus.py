@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tembed.eval.data import BeirFolder, EvalDataError
+from tembed.eval.data import BeirFolder, EvalDataError, corpus_reader
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -41,9 +41,12 @@ def encode_corpus(
     quiet: bool,
     progress: bool,
     report: Callable[[str], None],
+    skip_invalid: bool = False,
 ) -> JobResult:
     """Encode ``data.corpus`` (passage role) to the Parquet ``output`` through the corpus job, resuming a run of
-    the same options that was interrupted there. Raises :class:`~tembed.jobs.errors.JobError` as the job does."""
+    the same options that was interrupted there. A document id seen before is a bad record (ids name documents in
+    the qrels). Raises :class:`~tembed.jobs.errors.JobError` as the job does (bad records stop it unless
+    ``skip_invalid``)."""
     import dataclasses
 
     from tembed.io.checkpoint import PartialRun
@@ -54,7 +57,7 @@ def encode_corpus(
     request = CorpusRequest(
         data.corpus, output, "jsonl", "text", "_id", "title", resume=PartialRun(output).exists(), restart=False
     )
-    job_options = JobOptions(quiet=quiet, progress=progress)
+    job_options = JobOptions(skip_invalid=skip_invalid, unique_ids=True, quiet=quiet, progress=progress)
     if progress and not quiet:
         job_options = dataclasses.replace(job_options, total=count_items(data.corpus, "jsonl"))
     with contextlib.ExitStack() as held:
@@ -122,6 +125,34 @@ class CorpusEmbeddings:
         for batch in self._file.iter_batches(batch_size=rows, columns=list(columns)):
             yield first, batch
             first += batch.num_rows
+
+
+def verify_ids(corpus: CorpusEmbeddings, data: BeirFolder) -> None:
+    """EvalDataError unless the file holds the documents of ``data.corpus`` row for row (the same ids in the same
+    order, records the reader rejects left out), each id once: a file encoded from another corpus is refused."""
+    from tembed.io.readers import Record
+    from tembed.jobs.records import id_hashes
+
+    expected = (item.id for item in corpus_reader(data.corpus) if isinstance(item, Record))
+    hashes = []
+    row = 0
+    for _, batch in corpus.blocks(["id"], 65_536):
+        ids = id_block(batch)
+        for offset, doc_id in enumerate(ids):
+            wanted = next(expected, None)
+            if wanted != doc_id:
+                raise EvalDataError(
+                    f"{corpus.path} row {row + offset:,} holds id {doc_id!r} where {data.corpus} has "
+                    f"{wanted!r}: it was encoded from another corpus; remove it or pass another --corpus-embeddings"
+                )
+        hashes.append(id_hashes(ids))
+        row += len(ids)
+    extra = next(expected, None)
+    if extra is not None:
+        raise EvalDataError(f"{corpus.path} holds {row:,} documents, {data.corpus} more (first missing: {extra!r})")
+    joined = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, dtype=np.uint64)
+    if len(joined) and bool(np.any(joined[1:] == joined[:-1])):
+        raise EvalDataError(f"{data.corpus}: a document id appears twice; ids must name one document each")
 
 
 def dense_block(batch: pa.RecordBatch, column: str = "dense") -> np.ndarray:

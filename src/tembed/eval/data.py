@@ -20,7 +20,9 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib.util
+import io
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,24 +84,40 @@ def corpus_reader(path: str, cursor: Any = None) -> Reader:
     return Reader(path, "jsonl", text_field="text", id_field="_id", title_field="title", cursor=cursor)
 
 
+def read_text(path: str) -> str:
+    """A small text file (qrels, STS pairs) as UTF-8 (a BOM is dropped); EvalDataError naming the line that is not
+    UTF-8."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise EvalDataError(f"{path}:{line}: not UTF-8 ({error.reason} at byte {error.start:,})") from None
+
+
 def read_qrels(path: str) -> Qrels:
-    """``qrels/<split>.tsv`` as ``{query_id: {corpus_id: int score}}``; EvalDataError naming the line."""
+    """``qrels/<split>.tsv`` as ``{query_id: {corpus_id: int score}}``; EvalDataError naming the line.
+
+    Scores are whole numbers, as BEIR reads them (``int(score)``): graded relevance, >= 1 relevant."""
     qrels: Qrels = {}
-    with open(path, encoding="utf-8", newline="") as handle:
-        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(rows, None)
-        if header is None or tuple(field.strip() for field in header[:3]) != QRELS_HEADER:
-            raise EvalDataError(f"{path}:1: the header must be {chr(9).join(QRELS_HEADER)!r}, got {header!r}")
-        for number, row in enumerate(rows, start=2):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 3:
-                raise EvalDataError(f"{path}:{number}: expected 3 tab-separated fields, got {len(row)}")
-            try:
-                score = int(float(row[2]))
-            except ValueError:
-                raise EvalDataError(f"{path}:{number}: score {row[2]!r} is not a number") from None
-            qrels.setdefault(row[0].strip(), {})[row[1].strip()] = score
+    rows = csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(rows, None)
+    if header is None or tuple(field.strip() for field in header[:3]) != QRELS_HEADER:
+        raise EvalDataError(f"{path}:1: the header must be {chr(9).join(QRELS_HEADER)!r}, got {header!r}")
+    for number, row in enumerate(rows, start=2):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 3:
+            raise EvalDataError(f"{path}:{number}: expected 3 tab-separated fields, got {len(row)}")
+        try:
+            score = int(row[2].strip())
+        except ValueError:
+            raise EvalDataError(f"{path}:{number}: score {row[2]!r} is not a whole number") from None
+        query_id, doc_id = row[0].strip(), row[1].strip()
+        if not query_id or not doc_id:
+            raise EvalDataError(f"{path}:{number}: an empty query-id or corpus-id")
+        qrels.setdefault(query_id, {})[doc_id] = score
     if not qrels:
         raise EvalDataError(f"{path}: no judgements")
     return qrels
@@ -141,7 +159,8 @@ STS_FIELDS = ("sentence1", "sentence2", "score")
 
 
 def read_sts(path: str) -> StsPairs:
-    """Pairs from a ``.tsv`` / ``.csv`` (header with sentence1, sentence2, score) or a ``.jsonl`` file."""
+    """Pairs from a ``.tsv`` / ``.csv`` (header with sentence1, sentence2, score) or a ``.jsonl`` file; TSV is read
+    without quoting (a ``"`` is text), CSV with RFC 4180 quoting. EvalDataError names the line and field."""
     suffix = os.path.splitext(path)[1].lower()
     if not os.path.isfile(path):
         raise EvalDataError(f"{path}: no such file")
@@ -155,38 +174,57 @@ def read_sts(path: str) -> StsPairs:
         for field, value in zip(STS_FIELDS[:2], values[:2], strict=True):
             if not isinstance(value, str) or not value.strip():
                 raise EvalDataError(f"{path}:{number}: field {field!r} is missing or empty")
-        try:
-            score = float(values[2])  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise EvalDataError(f"{path}:{number}: field 'score' {values[2]!r} is not a number") from None
+        score = _score(values[2])
+        if score is None:
+            raise EvalDataError(f"{path}:{number}: field 'score' {values[2]!r} is not a finite number")
         first.append(str(values[0]))
         second.append(str(values[1]))
         gold.append(score)
-    if len(gold) < 2:
-        raise EvalDataError(f"{path}: at least 2 pairs are needed for a correlation, got {len(gold)}")
-    return StsPairs(first, second, gold, {"file": fingerprint(path), "pairs": len(gold)})
+    return check_pairs(StsPairs(first, second, gold, {"file": fingerprint(path), "pairs": len(gold)}), path)
+
+
+def _score(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        score = float(value)
+    except ValueError:
+        return None
+    return score if math.isfinite(score) else None
+
+
+def check_pairs(pairs: StsPairs, name: str) -> StsPairs:
+    """EvalDataError when no correlation can be computed: fewer than 2 pairs, or every gold score equal."""
+    if len(pairs.gold) < 2:
+        raise EvalDataError(f"{name}: at least 2 pairs are needed for a correlation, got {len(pairs.gold)}")
+    if min(pairs.gold) == max(pairs.gold):
+        raise EvalDataError(f"{name}: every gold score is {pairs.gold[0]}: a correlation is undefined")
+    return pairs
 
 
 def _sts_rows(path: str, suffix: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8", newline="") as handle:
-        if suffix == ".jsonl":
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise EvalDataError(f"{path}:{number}: not JSON: {error.msg}") from None
-                if not isinstance(row, dict):
-                    raise EvalDataError(f"{path}:{number}: a line must be a JSON object")
-                yield number, row
-            return
-        reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-        missing = [field for field in STS_FIELDS if field not in (reader.fieldnames or [])]
-        if missing:
-            raise EvalDataError(f"{path}:1: the header has no {', '.join(missing)} column (got {reader.fieldnames})")
-        for row in reader:
-            yield reader.line_num, row
+    text = read_text(path)
+    if suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise EvalDataError(f"{path}:{number}: not JSON: {error.msg}") from None
+            if not isinstance(row, dict):
+                raise EvalDataError(f"{path}:{number}: a line must be a JSON object")
+            yield number, row
+        return
+    if suffix == ".tsv":
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [field for field in STS_FIELDS if field not in (reader.fieldnames or [])]
+    if missing:
+        raise EvalDataError(f"{path}:1: the header has no {', '.join(missing)} column (got {reader.fieldnames})")
+    for row in reader:
+        yield reader.line_num, row
 
 
 BUILTIN_STS = ("stsb",)
@@ -216,4 +254,4 @@ def builtin_sts(name: str, split: str = "test") -> StsPairs:
             first.append(fields[5])
             second.append(fields[6])
     source = {"builtin": name, "split": split, "file": fingerprint(path), "pairs": len(gold)}
-    return StsPairs(first, second, gold, source)
+    return check_pairs(StsPairs(first, second, gold, source), path)

@@ -58,7 +58,7 @@ class EvalReport:
 
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        write_durably(path, (json.dumps(self.to_dict(), indent=2, default=_jsonable) + "\n").encode())
+        write_durably(path, (json.dumps(self.to_dict(), indent=2, default=_jsonable, allow_nan=False) + "\n").encode())
 
     def table(self) -> str:
         """The metrics as a table for the terminal (x 100, 2 decimals)."""

@@ -12,13 +12,14 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tembed.eval.corpus import CorpusEmbeddings, encode_corpus
-from tembed.eval.data import beir_folder, read_qrels, read_queries
-from tembed.eval.metrics import K_VALUES, retrieval_metrics
+from tembed.eval.corpus import CorpusEmbeddings, encode_corpus, verify_ids
+from tembed.eval.data import BeirFolder, EvalDataError, beir_folder, read_qrels, read_queries
+from tembed.eval.metrics import K_VALUES, check_k_values, retrieval_metrics
 from tembed.eval.report import EvalReport, settings_record
 from tembed.eval.search import EncodedQueries, SearchOptions, search
 from tembed.models.registry import DEFAULT_MODEL
@@ -44,6 +45,7 @@ def retrieval(
     rescore: bool = False,
     rescore_multiplier: int = 4,
     corpus_embeddings: str | None = None,
+    skip_invalid: bool = False,
     query_max_length: int | None = None,
     passage_max_length: int | None = None,
     ignore_identical_ids: bool = True,
@@ -66,8 +68,10 @@ def retrieval(
         quantize: ``int8``, ``uint8``, ``binary`` or ``ubinary`` dense vectors (None: float32), with the int8
             ``quantize_ranges`` (``(2, dim)``; None: the corpus's min and max); ``rescore``: the first
             ``depth x rescore_multiplier`` (default 4) candidates rescored with the float query.
-        corpus_embeddings: a Parquet of the encoded corpus: reused when it exists (its options checked), else
-            written there (resumed if interrupted); None: a temporary file.
+        corpus_embeddings: a Parquet of the encoded corpus: reused when it exists (its options and ids checked),
+            else written there (resumed if interrupted); None: a temporary file.
+        skip_invalid: leave out corpus documents the reader rejects (an empty text, a repeated id) instead of
+            stopping; their count is ``data["corpus_rejected"]``.
         query_max_length, passage_max_length: tokens per query / passage (None: the model's defaults).
         ignore_identical_ids: leave out a document whose id is the query's (default True, as MTEB).
         device: where the model runs; ``encoder``: an open encoder to use instead (left open).
@@ -78,17 +82,14 @@ def retrieval(
         An :class:`~tembed.eval.report.EvalReport` whose ``metrics`` are ``ndcg_at_k``, ``map_at_k``,
         ``recall_at_k``, ``precision_at_k`` and ``mrr_at_k`` for every k.
     """
-    from tembed.settings import EmbedderConfig
-
+    k_values = check_k_values(k_values)
     options = SearchOptions(
         mode=mode, weights=tuple(weights) if weights is not None else SearchOptions.weights,  # type: ignore[arg-type]
         depth=max(k_values), rerank_top_k=rerank_top_k, quantize=quantize, ranges=quantize_ranges, rescore=rescore,
         rescore_multiplier=rescore_multiplier, ignore_identical_ids=ignore_identical_ids, block_rows=block_rows,
     )  # fmt: skip
-    data = beir_folder(data_dir, split)
-    qrels = read_qrels(data.qrels)
-    query_ids, query_texts = read_queries(data.queries, qrels)
-    config = _with_outputs(EmbedderConfig(model=model) if isinstance(model, str) else model, options.outputs)
+    data, qrels, (query_ids, query_texts) = _read(data_dir, split)
+    config = _with_outputs(model, options.outputs)
     timings: dict[str, float] = {}
     with contextlib.ExitStack() as held:
         started = time.perf_counter()
@@ -99,16 +100,16 @@ def retrieval(
             held.callback(encoder.close)
         timings["load"] = time.perf_counter() - started
         path = corpus_embeddings or os.path.join(held.enter_context(tempfile.TemporaryDirectory()), "c.parquet")
-        corpus = _corpus(data, path, encoder, config, passage_max_length, options, progress, report, timings)
+        job = _CorpusJob(data, path, config, passage_max_length, progress, report, skip_invalid)
+        corpus, rejected = _corpus(job, encoder, options, timings)
         settings = encoder.settings
-        ranking = _rank(encoder, corpus, query_ids, query_texts, query_max_length, options, timings)
+        run = _rank(encoder, corpus, query_ids, query_texts, query_max_length, options, timings, progress)
     started = time.perf_counter()
-    metrics = retrieval_metrics(qrels, ranking, k_values)
+    metrics = retrieval_metrics(qrels, run, k_values)
     timings["metrics"] = time.perf_counter() - started
-    counts = {"queries_evaluated": len(query_ids), "corpus_rows": corpus.rows, "judgements": _judgements(qrels)}
+    data_record = {**data.fingerprint(), **_counts(query_ids, corpus.rows, rejected, qrels)}
     record = _options_record(options, k_values, corpus_embeddings)
     memory = _memory(options, settings.dim, settings.colbert_dim)
-    data_record = {**data.fingerprint(), **counts}
     return EvalReport("retrieval", metrics, settings_record(settings), data_record, record, timings, memory)
 
 
@@ -120,60 +121,94 @@ def _rank(
     max_length: int | None,
     options: SearchOptions,
     timings: dict[str, float],
-) -> dict[str, list[str]]:
-    """Encode the queries (query role) and search the corpus; the seconds go to ``timings``."""
+    progress: bool,
+) -> dict[str, dict[str, float]]:
+    """Encode the queries (query role) and search the corpus (a bar over corpus rows when ``progress``); the
+    seconds go to ``timings``."""
+    from tembed.eval.search import QUERY_BLOCK
+    from tembed.progress import progress_bar
+
     started = time.perf_counter()
     query_options = EncodeOptions(role=Role.QUERY, max_length=max_length, outputs=options.outputs)
     queries = EncodedQueries(query_ids, encoder.encode(query_texts, query_options))
     timings["encode_queries"] = time.perf_counter() - started
     started = time.perf_counter()
     settings = encoder.settings
-    ranking = search(corpus, queries, options, vocab_size=settings.vocab_size, dim=settings.dim)
+    passes = -(-len(query_ids) // QUERY_BLOCK)
+    with progress_bar(corpus.rows * passes, progress, desc="search") as bar:
+        run = search(corpus, queries, options, vocab_size=settings.vocab_size, dim=settings.dim, progress=bar.update)
     timings["search"] = time.perf_counter() - started
-    return ranking
+    return run
 
 
-def _judgements(qrels: dict[str, dict[str, int]]) -> int:
-    return sum(len(docs) for docs in qrels.values())
+def _counts(query_ids: list[str], rows: int, rejected: int, qrels: dict[str, dict[str, int]]) -> dict[str, int]:
+    judgements = sum(len(docs) for docs in qrels.values())
+    return {
+        "queries_evaluated": len(query_ids),
+        "corpus_rows": rows,
+        "corpus_rejected": rejected,
+        "judgements": judgements,
+    }
 
 
-def _with_outputs(config: EmbedderConfig, outputs: tuple[str, ...]) -> EmbedderConfig:
+def _read(data_dir: str, split: str) -> tuple[BeirFolder, dict[str, dict[str, int]], tuple[list[str], list[str]]]:
+    data = beir_folder(data_dir, split)
+    qrels = read_qrels(data.qrels)
+    return data, qrels, read_queries(data.queries, qrels)
+
+
+def _with_outputs(model: str | EmbedderConfig, outputs: tuple[str, ...]) -> EmbedderConfig:
     import dataclasses
 
+    from tembed.settings import EmbedderConfig
+
+    config = EmbedderConfig(model=model) if isinstance(model, str) else model
     return dataclasses.replace(config, outputs=outputs, show_progress_bar=False)
 
 
+@dataclass(frozen=True)
+class _CorpusJob:
+    """Where and how the corpus side is encoded (or found)."""
+
+    data: BeirFolder
+    path: str
+    config: EmbedderConfig
+    max_length: int | None
+    progress: bool
+    report: Callable[[str], None] | None
+    skip_invalid: bool
+
+
 def _corpus(
-    data: Any,
-    path: str,
-    encoder: Encoder,
-    config: EmbedderConfig,
-    max_length: int | None,
-    options: SearchOptions,
-    progress: bool,
-    report: Callable[[str], None] | None,
-    timings: dict[str, float],
-) -> CorpusEmbeddings:
-    """The encoded corpus: the file at ``path`` when it is complete (checked against the options), else encoded
-    there now (the seconds it took go to ``timings["encode_corpus"]``)."""
+    job: _CorpusJob, encoder: Encoder, options: SearchOptions, timings: dict[str, float]
+) -> tuple[CorpusEmbeddings, int]:
+    """The encoded corpus and the documents rejected: the file at ``job.path`` when it is complete (checked against
+    the options and the corpus's ids), else encoded there now (the seconds go to ``timings["encode_corpus"]``)."""
     from tembed.io.checkpoint import PartialRun
     from tembed.jobs.plan import CorpusRequest, recorded_options
 
-    passage = EncodeOptions(role=Role.PASSAGE, max_length=max_length, outputs=options.outputs)
-    columns = _columns(options)
-    if os.path.exists(path) and not PartialRun(path).exists():
-        corpus = CorpusEmbeddings(path)
-        request = CorpusRequest(data.corpus, path, "jsonl", "text", "_id", "title")
-        corpus.check(recorded_options(request, config, passage, "jsonl", "parquet"), columns)
-        if report is not None:
-            report(f"reusing the corpus embeddings in {path} ({corpus.rows:,} rows)")
-        return corpus
-    started = time.perf_counter()
-    encode_corpus(
-        data, encoder, config, passage, path, quiet=report is None, progress=progress, report=report or _silent
-    )
-    timings["encode_corpus"] = time.perf_counter() - started
-    return CorpusEmbeddings(path)
+    if os.path.splitext(job.path)[1].lower() not in (".parquet", ".pq"):
+        raise EvalDataError(f"--corpus-embeddings {job.path}: a .parquet file (what tembed encode writes)")
+    passage = EncodeOptions(role=Role.PASSAGE, max_length=job.max_length, outputs=options.outputs)
+    if os.path.exists(job.path) and not PartialRun(job.path).exists():
+        corpus = CorpusEmbeddings(job.path)
+        request = CorpusRequest(job.data.corpus, job.path, "jsonl", "text", "_id", "title")
+        corpus.check(recorded_options(request, job.config, passage, "jsonl", "parquet"), _columns(options))
+        verify_ids(corpus, job.data)
+        if job.report is not None:
+            job.report(f"reusing the corpus embeddings in {job.path} ({corpus.rows:,} rows)")
+        rejected = 0
+    else:
+        started = time.perf_counter()
+        result = encode_corpus(
+            job.data, encoder, job.config, passage, job.path, quiet=job.report is None, progress=job.progress,
+            report=job.report or _silent, skip_invalid=job.skip_invalid,
+        )  # fmt: skip
+        timings["encode_corpus"] = time.perf_counter() - started
+        corpus, rejected = CorpusEmbeddings(job.path), result.rejected
+    if corpus.rows == 0:
+        raise EvalDataError(f"{job.data.corpus}: no documents to search")
+    return corpus, rejected
 
 
 def _columns(options: SearchOptions) -> list[str]:

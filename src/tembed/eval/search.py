@@ -40,7 +40,9 @@ DEFAULT_HYBRID_WEIGHTS = (0.4, 0.2, 0.4)
 """``(dense, sparse, colbert)``: the weights FlagEmbedding's BGE-M3 examples use."""
 SCORE_CELLS = 8_000_000
 """Scores held per slab (queries x corpus rows): 64 MB of float64; the block of rows follows from it."""
-QUERY_BLOCK = 4096
+MAX_BLOCK_ROWS = 16_384
+"""Corpus rows read per block at most (few queries): 25 MB of 384-d float32 vectors."""
+QUERY_BLOCK = 2048
 """Queries searched per pass over the corpus (bounds the top lists: queries x depth)."""
 
 
@@ -76,6 +78,8 @@ class SearchOptions:
             raise ValueError(f"mode {self.mode!r}: use one of {', '.join(MODES)}")
         if len(self.weights) != 3 or min(self.weights) < 0 or sum(self.weights) <= 0:
             raise ValueError(f"weights must be 3 non-negative numbers (dense, sparse, colbert), got {self.weights}")
+        if self.quantize is not None and self.quantize not in ("int8", "uint8", "binary", "ubinary"):
+            raise ValueError(f"quantize {self.quantize!r}: use int8, uint8, binary or ubinary")
         if self.quantize is not None and self.mode != "dense":
             raise ValueError("output quantization searches dense vectors: use it with mode dense")
         if self.rescore and self.quantize is None:
@@ -146,7 +150,7 @@ def search(
     vocab_size: int | None = None,
     dim: int | None = None,
     progress: Callable[[int], None] | None = None,
-) -> dict[str, list[str]]:
+) -> dict[str, dict[str, float]]:
     """Rank the corpus for every query (see the module docstring).
 
     Args:
@@ -158,12 +162,14 @@ def search(
         progress: called with the corpus rows done after each block of the first pass.
 
     Returns:
-        ``{query_id: [corpus_id, ...]}`` best first, at most ``options.depth`` per query.
+        The run: ``{query_id: {corpus_id: score}}``, at most ``options.depth`` documents per query. After a ColBERT
+        rerank the documents below the reranked ones keep their first-stage order with their scores shifted below
+        the lowest reranked score.
     """
     from tembed.eval.scorers import first_stage_scorer
 
     scorer = first_stage_scorer(corpus, queries, options, vocab_size=vocab_size, dim=dim)
-    ranking: dict[str, list[str]] = {}
+    run: dict[str, dict[str, float]] = {}
     for start in range(0, len(queries.ids), QUERY_BLOCK):
         part = queries.take(start, min(start + QUERY_BLOCK, len(queries.ids)))
         top = _first_stage(corpus, part, options, scorer, progress)
@@ -171,8 +177,8 @@ def search(
             top.reorder(np.where(np.isfinite(top.scores), top.extras["rescore"], -np.inf), options.depth)
         if options.uses_colbert:
             _colbert_rerank(corpus, part, options, top)
-        ranking.update(_to_ids(corpus, part.ids, top))
-    return ranking
+        run.update(_to_ids(corpus, part.ids, top))
+    return run
 
 
 def _first_stage(
@@ -186,10 +192,12 @@ def _first_stage(
     if options.uses_colbert:
         width = max(width, options.rerank_top_k)
     top = TopList(len(queries.ids), width, scorer.extras)
-    block = options.block_rows or max(256, SCORE_CELLS // max(1, len(queries.ids)))
+    block = options.block_rows or min(MAX_BLOCK_ROWS, max(256, SCORE_CELLS // max(1, len(queries.ids))))
     positions = {query_id: position for position, query_id in enumerate(queries.ids)}
     for first_row, batch in corpus.blocks(["id", *scorer.columns], block):
         scores, extras = scorer.score(queries, batch, first_row)
+        if options.mode == "sparse":  # no shared token: not retrieved (as from an inverted index)
+            scores = np.where(scores > 0, scores, -np.inf)
         if options.ignore_identical_ids:
             for column, doc_id in enumerate(id_block(batch)):
                 row = positions.get(doc_id)
@@ -230,11 +238,18 @@ def _colbert_rerank(corpus: CorpusEmbeddings, queries: EncodedQueries, options: 
     final = np.where(candidates >= 0, final, -np.inf)
     order_in_head = np.argsort(-final, axis=1, kind="stable")
     top.rows[:, :reranked] = np.take_along_axis(top.rows[:, :reranked], order_in_head, axis=1)
-    top.scores[:, :reranked] = np.take_along_axis(np.where(candidates >= 0, 0.0, -np.inf), order_in_head, axis=1)
+    head = np.take_along_axis(final, order_in_head, axis=1)
+    tail = top.scores[:, reranked:]
+    with np.errstate(invalid="ignore"):  # -inf - -inf where a list is empty: masked below
+        lowest = np.min(np.where(np.isfinite(head), head, np.inf), axis=1, keepdims=True)
+        highest = np.max(np.where(np.isfinite(tail), tail, -np.inf), axis=1, keepdims=True) if tail.size else lowest
+        shift = np.where(np.isfinite(lowest) & np.isfinite(highest), highest - lowest + 1.0, 0.0)
+    top.scores[:, :reranked] = head
+    top.scores[:, reranked:] = tail - shift
 
 
-def _to_ids(corpus: CorpusEmbeddings, query_ids: list[str], top: TopList) -> Iterator[tuple[str, list[str]]]:
-    """The lists as corpus ids (one pass over the id column for the rows that were kept)."""
+def _to_ids(corpus: CorpusEmbeddings, query_ids: list[str], top: TopList) -> Iterator[tuple[str, dict[str, float]]]:
+    """The lists as ``{corpus id: score}`` (one pass over the id column for the rows that were kept)."""
     kept = np.isfinite(top.scores)
     wanted = np.unique(top.rows[kept])
     names: dict[int, str] = {}
@@ -245,8 +260,9 @@ def _to_ids(corpus: CorpusEmbeddings, query_ids: list[str], top: TopList) -> Ite
             for row in wanted[lo:hi].tolist():
                 names[row] = str(ids[row - first_row].as_py())
     for position, query_id in enumerate(query_ids):
-        rows = top.rows[position][kept[position]]
-        yield query_id, [names[row] for row in rows.tolist()]
+        rows = top.rows[position][kept[position]].tolist()
+        scores = top.scores[position][kept[position]].tolist()
+        yield query_id, {names[row]: score for row, score in zip(rows, scores, strict=True)}
 
 
 __all__ = ["DEFAULT_HYBRID_WEIGHTS", "MODES", "EncodedQueries", "SearchOptions", "TopList", "search"]

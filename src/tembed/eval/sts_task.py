@@ -73,6 +73,8 @@ def sts(
     count = len(data.first)
     cosines = cosine_scores(vectors[:count], vectors[count:])
     gold = np.asarray(data.gold, dtype=np.float64)
+    if np.ptp(cosines) == 0:
+        raise ValueError(f"every pair has the cosine {cosines[0]:.6f}: a correlation is undefined")
     metrics = {
         "cosine_spearman": 100 * float(spearmanr(gold, cosines).statistic),
         "cosine_pearson": 100 * float(pearsonr(gold, cosines).statistic),

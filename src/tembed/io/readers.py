@@ -184,12 +184,12 @@ class Reader:
         if self.text_field not in record:
             return Rejected(line_number, f"no field {self.text_field!r}")
         text = record[self.text_field]
-        problem = check_text(text, self.text_field)
-        if problem:
-            return Rejected(line_number, problem)
         title = record.get(self.title_field) if self.title_field else None
         if title is not None and not isinstance(title, str):
             return Rejected(line_number, f"field {self.title_field!r} is not a string ({type(title).__name__})")
+        problem = check_text(text, self.text_field)
+        if problem and not (isinstance(text, str) and not text.strip() and title and title.strip()):
+            return Rejected(line_number, problem)  # a blank text with a title is the title (as BEIR joins them)
         identifier = record.get(self.id_field) if self.id_field else None
         if isinstance(identifier, (dict, list)):
             return Rejected(line_number, f"field {self.id_field!r} is not a string or number")
