@@ -432,6 +432,7 @@ def test_a_repeated_document_id_or_another_corpus_is_refused(iqa, minilm, minilm
     duplicated = json.loads(lines[1])["_id"]
     result = CliRunner().invoke(app, ["eval", "retrieval", str(folder), "--split", "valid", "-q"])
     assert result.exit_code != 0 and "line 4" in result.output and duplicated in result.output, result.output
+    assert "rerun with --skip-invalid to leave such documents out" in result.output and "--resume" not in result.output
 
     corpus, _ = minilm_run  # encoded from the full folder: refused for a folder holding another corpus
     args = ["eval", "retrieval", str(folder), "--split", "valid", "--corpus-embeddings", corpus]
@@ -454,3 +455,20 @@ def test_sts_tsv_keeps_quotes_as_text_and_a_bom_is_dropped(tmp_path):
     pairs = read_sts(str(path))
     assert pairs.first == ['"Stop," he said.', "No way"] and pairs.second[1] == 'There is "no" way.'
     assert pairs.gold == [4.5, 3.0]
+
+
+def test_a_document_with_a_title_and_no_text_is_its_title(tmp_path):
+    from tembed.eval.data import corpus_reader
+    from tembed.io.readers import Record, Rejected
+
+    path = tmp_path / "corpus.jsonl"
+    lines = [
+        {"_id": "d1", "title": "Only a title", "text": ""},
+        {"_id": "d2", "title": "", "text": " "},
+        {"_id": 3, "text": "x"},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    items = list(corpus_reader(str(path)))
+    assert items[0] == Record(1, "d1", "Only a title")
+    assert isinstance(items[1], Rejected) and "empty" in items[1].reason
+    assert items[2] == Record(3, "3", "x")

@@ -11,7 +11,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from tembed.eval.data import BeirFolder, EvalDataError, beir_folder, read_qrels,
 from tembed.eval.metrics import K_VALUES, check_k_values, retrieval_metrics
 from tembed.eval.report import EvalReport, settings_record
 from tembed.eval.search import EncodedQueries, SearchOptions, search
+from tembed.io.checkpoint import PartialRun
 from tembed.models.registry import DEFAULT_MODEL
 from tembed.settings import EncodeOptions
 from tembed.types import Role
@@ -100,7 +101,9 @@ def retrieval(
             held.callback(encoder.close)
         timings["load"] = time.perf_counter() - started
         path = corpus_embeddings or os.path.join(held.enter_context(tempfile.TemporaryDirectory()), "c.parquet")
-        job = _CorpusJob(data, path, config, passage_max_length, progress, report, skip_invalid)
+        job = _CorpusJob(
+            data, path, config, passage_max_length, progress, report, skip_invalid, corpus_embeddings is not None
+        )
         corpus, rejected = _corpus(job, encoder, options, timings)
         settings = encoder.settings
         run = _rank(encoder, corpus, query_ids, query_texts, query_max_length, options, timings, progress)
@@ -177,6 +180,7 @@ class _CorpusJob:
     progress: bool
     report: Callable[[str], None] | None
     skip_invalid: bool
+    keep: bool  # the path is the user's --corpus-embeddings (else a temporary file)
 
 
 def _corpus(
@@ -184,7 +188,6 @@ def _corpus(
 ) -> tuple[CorpusEmbeddings, int]:
     """The encoded corpus and the documents rejected: the file at ``job.path`` when it is complete (checked against
     the options and the corpus's ids), else encoded there now (the seconds go to ``timings["encode_corpus"]``)."""
-    from tembed.io.checkpoint import PartialRun
     from tembed.jobs.plan import CorpusRequest, recorded_options
 
     if os.path.splitext(job.path)[1].lower() not in (".parquet", ".pq"):
@@ -200,15 +203,38 @@ def _corpus(
         rejected = 0
     else:
         started = time.perf_counter()
-        result = encode_corpus(
-            job.data, encoder, job.config, passage, job.path, quiet=job.report is None, progress=job.progress,
-            report=job.report or _silent, skip_invalid=job.skip_invalid,
-        )  # fmt: skip
+        with _eval_advice(job):
+            result = encode_corpus(
+                job.data, encoder, job.config, passage, job.path, quiet=job.report is None, progress=job.progress,
+                report=job.report or _silent, skip_invalid=job.skip_invalid,
+            )  # fmt: skip
         timings["encode_corpus"] = time.perf_counter() - started
         corpus, rejected = CorpusEmbeddings(job.path), result.rejected
     if corpus.rows == 0:
         raise EvalDataError(f"{job.data.corpus}: no documents to search")
     return corpus, rejected
+
+
+@contextlib.contextmanager
+def _eval_advice(job: _CorpusJob) -> Iterator[None]:
+    """The corpus job's errors with advice for ``tembed eval`` (whose options differ from ``tembed encode``'s)."""
+    from tembed.jobs.errors import JobError, JobInterrupted
+
+    def kept() -> str:
+        if job.keep and PartialRun(job.path).exists():
+            return (
+                f"; what was encoded is kept in {job.path}.partial and a rerun with this --corpus-embeddings continues"
+            )
+        return ""
+
+    try:
+        yield
+    except JobError as error:
+        head = str(error).split("\n", 1)[0]
+        advice = f"fix {job.data.corpus}, or rerun with --skip-invalid to leave such documents out"
+        raise JobError(f"{head}\n{advice}{kept()}", error.code) from None
+    except JobInterrupted:
+        raise JobInterrupted("interrupted" + (kept() or "; nothing kept")) from None
 
 
 def _columns(options: SearchOptions) -> list[str]:
