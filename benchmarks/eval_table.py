@@ -12,7 +12,6 @@ compare them within the run only.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -67,7 +66,9 @@ def main() -> None:
             encoder.close()
         report.save(os.path.join(args.work, f"retrieval-{label}.json"))
         sts.save(os.path.join(args.work, f"sts-{label}.json"))
-        rows.append(row(f"model {label} ({report.model['backend']}, {report.model['effective_precision']})", report, sts))
+        rows.append(
+            row(f"model {label} ({report.model['backend']}, {report.model['effective_precision']})", report, sts)
+        )
         if label == "fp32":
             for quantize, rescore in QUANTIZED:
                 started = time.perf_counter()
@@ -75,7 +76,8 @@ def main() -> None:
                     folder, config, split="valid", corpus_embeddings=corpus, quantize=quantize, rescore=rescore
                 )
                 name = f"fp32 model, {quantize} vectors" + (", rescored" if rescore else "")
-                quantized.save(os.path.join(args.work, f"retrieval-{quantize}{'-rescore' if rescore else ''}.json"))
+                suffix = f"{quantize}-vectors{'-rescored' if rescore else ''}"
+                quantized.save(os.path.join(args.work, f"retrieval-fp32-model-{suffix}.json"))
                 rows.append(row(name, quantized, None, time.perf_counter() - started))
     print("| configuration | nDCG@10 | MRR@10 | Recall@100 | MAP@100 | STS-B Spearman | bytes / vector | corpus s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -98,5 +100,4 @@ def row(name: str, report, sts, seconds: float | None = None) -> str:
 
 
 if __name__ == "__main__":
-    json.dumps({})
     main()

@@ -25,17 +25,16 @@ UNREADABLE = r"the cached export in .+ was unreadable \(.+\); rebuilt it"
 
 @pytest.fixture(scope="module")
 def pristine_cache(tmp_path_factory, minilm_path):
-    """An export cache holding MiniLM's export, made once for this module (tests copy it, never change it)."""
+    """An export cache holding MiniLM's export alone (tests copy it, never change it). The export is the session's
+    (``$TEMBED_CACHE``): made there at most once, so every later test that loads MiniLM on a CPU backend reuses it;
+    its folder is copied here without the files derived from it (int8 builds other tests may have added)."""
+    source = os.path.dirname(export.export_onnx(minilm_path))
     folder = str(tmp_path_factory.mktemp("pristine-cache"))
-    previous = os.environ.get("TEMBED_CACHE")
-    os.environ["TEMBED_CACHE"] = folder
-    try:
-        export.export_onnx(minilm_path)
-    finally:
-        if previous is None:
-            os.environ.pop("TEMBED_CACHE")
-        else:
-            os.environ["TEMBED_CACHE"] = previous
+    shutil.copytree(
+        source,
+        os.path.join(folder, "onnx", os.path.basename(source)),
+        ignore=shutil.ignore_patterns("int8*", ".*", "*.tmp"),
+    )
     return folder
 
 

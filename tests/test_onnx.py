@@ -19,17 +19,14 @@ pytest.importorskip("onnxruntime")
 PUBLISHED_STSB_SPEARMAN = 82.03
 
 
-@pytest.fixture(scope="module", autouse=True)
-def export_cache(tmp_path_factory):
-    """A fresh export cache for this module, so the tests see first and second loads."""
-    folder = str(tmp_path_factory.mktemp("tembed-cache"))
-    previous = os.environ.get("TEMBED_CACHE")
-    os.environ["TEMBED_CACHE"] = folder
-    yield folder
-    if previous is None:
-        os.environ.pop("TEMBED_CACHE")
-    else:
-        os.environ["TEMBED_CACHE"] = previous
+@pytest.fixture(scope="module")
+def export_cache() -> str:
+    """The session's export cache (``$TEMBED_CACHE``): the exports and int8 builds made here (NNCF's calibration
+    takes seconds) serve the rest of the session, and the other modules' exports serve these tests. A first load
+    (an export) is tested by test_backends_hardening on empty and damaged caches; this module tests the reuse."""
+    from tembed.backends.export import cache_root
+
+    return cache_root()
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -58,23 +55,54 @@ def sts_test_fp32(minilm) -> np.ndarray:
     return minilm.encode(sts_b_sentences("test"))
 
 
+M3_OUTPUTS = ("dense", "sparse", "colbert")
+
+
+def _mixed_texts() -> list[str]:
+    return sts_b_sentences("test")[:300] + insuranceqa_answers()[:60]
+
+
+def _m3_texts() -> list[str]:
+    return ["What is BGE M3?", "", *sts_b_sentences("dev")[:40], *insuranceqa_answers()[:5]]
+
+
+def _splade_texts() -> list[str]:
+    return sts_b_sentences("test")[:80]
+
+
+@pytest.fixture(scope="module")
+def mixed_expected(minilm) -> np.ndarray:
+    """The session's MiniLM vectors of :func:`_mixed_texts`, the reference of every backend (encoded once)."""
+    return minilm.encode(_mixed_texts())
+
+
+@pytest.fixture(scope="module")
+def m3_torch_expected(tiny_m3_path):
+    """torch's three outputs of :func:`_m3_texts`, the reference of every backend (the model loaded once)."""
+    with Embedder(tiny_m3_path, device="cpu", backend="torch") as torch_model:
+        return torch_model.encode(_m3_texts(), outputs=M3_OUTPUTS)
+
+
+@pytest.fixture(scope="module")
+def splade_torch_expected(splade_path):
+    """torch's dense and sparse outputs of :func:`_splade_texts`, the reference of every backend."""
+    with Embedder(splade_path, device="cpu", backend="torch") as torch_model:
+        return torch_model.encode(_splade_texts(), outputs=("dense", "sparse"))
+
+
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])
-def test_dense_same_as_torch(minilm, minilm_path, backend):
+def test_dense_same_as_torch(mixed_expected, minilm_path, backend):
     pytest.importorskip(backend if backend != "onnx" else "onnxruntime")
-    texts = sts_b_sentences("test")[:300] + insuranceqa_answers()[:60]
     with Embedder(minilm_path, device="cpu", backend=backend, precision="fp32") as fast:
         assert fast.backend_name == backend
-        ours = fast.encode(texts)
+        ours = fast.encode(_mixed_texts())
     assert ours.dtype == np.float32
-    assert _cosines(ours, minilm.encode(texts)).min() >= 0.99999
+    assert _cosines(ours, mixed_expected).min() >= 0.99999
 
 
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])
-def test_m3_all_outputs_same_as_torch(tiny_m3_path, backend):
-    texts = ["What is BGE M3?", "", *sts_b_sentences("dev")[:40], *insuranceqa_answers()[:5]]
-    names = ("dense", "sparse", "colbert")
-    with Embedder(tiny_m3_path, device="cpu", backend="torch") as torch_model:
-        expected = torch_model.encode(texts, outputs=names)
+def test_m3_all_outputs_same_as_torch(tiny_m3_path, m3_torch_expected, backend):
+    texts, names, expected = _m3_texts(), M3_OUTPUTS, m3_torch_expected
     with Embedder(tiny_m3_path, device="cpu", backend=backend) as onnx_model:
         ours = onnx_model.encode(texts, outputs=names)
         dense_only = onnx_model.encode(texts)  # OpenVINO: CLS pooled inside the graph
@@ -90,10 +118,8 @@ def test_m3_all_outputs_same_as_torch(tiny_m3_path, backend):
 
 
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])
-def test_splade_same_as_torch(splade_path, backend):
-    texts = sts_b_sentences("test")[:80]
-    with Embedder(splade_path, device="cpu", backend="torch") as torch_model:
-        expected = torch_model.encode(texts, outputs=("dense", "sparse"))
+def test_splade_same_as_torch(splade_path, splade_torch_expected, backend):
+    texts, expected = _splade_texts(), splade_torch_expected
     with Embedder(splade_path, device="cpu", backend=backend) as onnx_model:
         ours = onnx_model.encode(texts, outputs=("dense", "sparse"))
         dense_only = onnx_model.encode(texts)
@@ -164,7 +190,7 @@ def test_bf16_quality_floor(sts_test_fp32, minilm_path):
     assert abs(spearman - PUBLISHED_STSB_SPEARMAN) <= 0.1
 
 
-def test_int8_meets_its_targets(minilm, minilm_path):
+def test_int8_meets_its_targets(minilm, minilm_path, sts_test_fp32):
     """The default int8 (OpenVINO static int8): Spearman within 0.3, mean cosine >= 0.99, min >= 0.97.
 
     On this CPU's recipe: ``"vnni"`` (AVX512-VNNI / AVX-VNNI / AMX: static int8) or ``"no-vnni"`` (AVX2: int8
@@ -173,12 +199,16 @@ def test_int8_meets_its_targets(minilm, minilm_path):
     pytest.importorskip("nncf")
     from tembed.backends.quantize import openvino_int8_recipe
 
-    texts = sts_b_sentences("test") + insuranceqa_answers()[:500]
+    answers = insuranceqa_answers()[:500]
+    texts = sts_b_sentences("test") + answers
     with Embedder(minilm_path, device="cpu", precision="int8", show_progress_bar=False) as e:
         assert e.backend_name == "openvino"
         assert e.backend.int8_recipe == openvino_int8_recipe()
         vectors = e.encode(texts, max_length=256)  # the STS-B sentences are far shorter than 256 tokens
-    cosines = _cosines(vectors, minilm.encode(texts, max_length=256))
+    # The sentences' fp32 vectors are the module's (no truncation either way); only the answers are encoded here.
+    expected = np.concatenate([sts_test_fp32, minilm.encode(answers, max_length=256)])
+    assert expected.shape == vectors.shape
+    cosines = _cosines(vectors, expected)
     spearman = _spearman_of(vectors)
     print(
         f"[int8 openvino, recipe {openvino_int8_recipe()}] cos mean {cosines.mean():.6f} min {cosines.min():.5f} "

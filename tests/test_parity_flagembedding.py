@@ -238,6 +238,17 @@ def _require_reference_venv() -> None:
         pytest.skip("FlagEmbedding reference venv not built (make reference-venv)")
 
 
+# The runner, then the signature dump (:data:`_SIGNATURE_DUMP`) in the same process: FlagEmbedding is imported once.
+_RUN_THEN_DUMP = """
+import runpy, sys
+code = runpy.run_path(sys.argv[1])["main"](sys.argv[1:4])
+if code:
+    sys.exit(code)
+exec(sys.argv[4])
+"""
+_SIGNATURES_SEEN: dict[str, dict[str, list[list]]] = {}  # from the reference fixture's process, when it ran
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, minilm_path, splade_path, tiny_decoder_paths, tiny_m3_path):
     _require_reference_venv()
@@ -245,8 +256,10 @@ def reference(tmp_path_factory, minilm_path, splade_path, tiny_decoder_paths, ti
     jobs = _jobs(minilm_path, splade_path, tiny_decoder_paths) + _m3_jobs(tiny_m3_path)
     job_file, out_file = folder / "jobs.json", folder / "out.npz"
     job_file.write_text(json.dumps(jobs))
-    result = subprocess.run([REFERENCE_PYTHON, RUNNER, str(job_file), str(out_file)], capture_output=True, text=True)
+    command = [REFERENCE_PYTHON, "-c", _RUN_THEN_DUMP, RUNNER, str(job_file), str(out_file), _SIGNATURE_DUMP]
+    result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    _SIGNATURES_SEEN["signatures"] = json.loads(result.stdout.strip().splitlines()[-1])
     with np.load(out_file) as data:
         outputs = {key: data[key] for key in data.files}
     return {job["name"]: (job, {k: v for k, v in outputs.items() if k.split("__")[0] == job["name"]}) for job in jobs}
@@ -281,11 +294,25 @@ def test_same_vectors_as_flagembedding(reference, name):
     assert difference <= TOLERANCE, f"{name}: max abs difference {difference:.2e}"
 
 
-def _m3_model(job: dict):
-    init = {"use_fp16": False, "devices": "cpu", **job["init"]}
-    if job["class"] == "FlagAutoModel":
-        return FlagAutoModel.from_finetuned(job["model"], **init)
-    return BGEM3FlagModel(job["model"], **init)
+@pytest.fixture(scope="module")
+def m3_model():
+    """``m3_model(job)``: the job's model, loaded once for the module per (class, model, init), as the runner caches
+    FlagEmbedding's. A tiny M3 loads in seconds, nearly all of it reading the XLM-R tokenizer; calls change no state."""
+    loaded: dict[str, object] = {}
+
+    def get(job: dict):
+        init = {"use_fp16": False, "devices": "cpu", **job["init"]}
+        key = json.dumps([job["class"], job["model"], init], sort_keys=True)
+        if key not in loaded:
+            if job["class"] == "FlagAutoModel":
+                loaded[key] = FlagAutoModel.from_finetuned(job["model"], **init)
+            else:
+                loaded[key] = BGEM3FlagModel(job["model"], **init)
+        return loaded[key]
+
+    yield get
+    for model in loaded.values():
+        model.close()
 
 
 def _check_m3_outputs(name: str, ours: dict, expected: dict, count: int) -> None:
@@ -308,10 +335,9 @@ def _check_m3_outputs(name: str, ours: dict, expected: dict, count: int) -> None
 
 
 @pytest.mark.parametrize("name", ["m3_encode", "m3_queries", "m3_auto"])
-def test_m3_outputs_same_as_flagembedding(reference, name):
+def test_m3_outputs_same_as_flagembedding(reference, m3_model, name):
     job, expected = reference[name]
-    with _m3_model(job) as model:
-        ours = getattr(model, job["method"])(job["texts"], **job.get("args", {}))
+    ours = getattr(m3_model(job), job["method"])(job["texts"], **job.get("args", {}))
     if name == "m3_auto":  # FlagAutoModel picked BGEM3FlagModel; its return_sparse default applied
         assert ours["colbert_vecs"] is None and f"{name}__colbert_vecs__0" not in expected
         ours = {**ours, "colbert_vecs": []}
@@ -319,10 +345,9 @@ def test_m3_outputs_same_as_flagembedding(reference, name):
 
 
 @pytest.mark.parametrize("name", ["m3_score", "m3_score_default"])
-def test_m3_compute_score_same_as_flagembedding(reference, name):
+def test_m3_compute_score_same_as_flagembedding(reference, m3_model, name):
     job, expected = reference[name]
-    with _m3_model(job) as model:
-        ours = model.compute_score([tuple(pair) for pair in job["pairs"]], **job.get("args", {}))
+    ours = m3_model(job).compute_score([tuple(pair) for pair in job["pairs"]], **job.get("args", {}))
     for mode in ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense"):
         difference = np.abs(np.array(ours[mode]) - expected[f"{name}__{mode}"]).max()
         print(f"[parity] {name} {mode}: max abs difference {difference:.2e}")
@@ -330,17 +355,17 @@ def test_m3_compute_score_same_as_flagembedding(reference, name):
 
 
 @pytest.mark.parametrize("name", ["m3_lexical", "m3_colbert"])
-def test_m3_pairwise_scores_same_as_flagembedding(reference, name):
+def test_m3_pairwise_scores_same_as_flagembedding(reference, m3_model, name):
     job, expected = reference[name]
-    with _m3_model(job) as model:
-        if name == "m3_lexical":
-            left = model.encode(job["texts"], return_dense=False, return_sparse=True)["lexical_weights"]
-            right = model.encode(job["passages"], return_dense=False, return_sparse=True)["lexical_weights"]
-            ours = model.compute_lexical_matching_score(left, right)
-        else:
-            left = model.encode(job["texts"], return_dense=False, return_colbert_vecs=True)["colbert_vecs"]
-            right = model.encode(job["passages"], return_dense=False, return_colbert_vecs=True)["colbert_vecs"]
-            ours = np.array([[float(model.colbert_score(q, p)) for p in right] for q in left])
+    model = m3_model(job)
+    if name == "m3_lexical":
+        left = model.encode(job["texts"], return_dense=False, return_sparse=True)["lexical_weights"]
+        right = model.encode(job["passages"], return_dense=False, return_sparse=True)["lexical_weights"]
+        ours = model.compute_lexical_matching_score(left, right)
+    else:
+        left = model.encode(job["texts"], return_dense=False, return_colbert_vecs=True)["colbert_vecs"]
+        right = model.encode(job["passages"], return_dense=False, return_colbert_vecs=True)["colbert_vecs"]
+        ours = np.array([[float(model.colbert_score(q, p)) for p in right] for q in left])
     difference = np.abs(ours - expected[name]).max()
     print(f"[parity] {name}: max abs difference {difference:.2e}")
     assert difference <= TOLERANCE
@@ -367,6 +392,8 @@ json.dump(dump, sys.stdout)
 @pytest.fixture(scope="module")
 def reference_signatures() -> dict[str, list[list]]:
     _require_reference_venv()
+    if "signatures" in _SIGNATURES_SEEN:  # the reference fixture's FlagEmbedding process dumped them already
+        return _SIGNATURES_SEEN["signatures"]
     result = subprocess.run([REFERENCE_PYTHON, "-c", _SIGNATURE_DUMP], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
