@@ -10,8 +10,8 @@ spaces). Query ids are ``<split>-<qid>``, so the splits share one queries.jsonl;
 
 Options: ``--splits valid test`` (default: valid and test), ``--max-queries N`` (the first N of each split), and
 ``--pool-only`` (a smaller corpus: only the answers in the chosen queries' candidate pools: their positives and
-their 200 listed negatives, or the first ``--negatives N``), for a quick run. The data is for research only: cite Feng et al. 2015, "Applying Deep
-Learning to Answer Selection: A Study and An Open Task".
+their 200 listed negatives, or the first ``--negatives N``), for a quick run. The data is for research only: cite
+Feng et al. 2015, "Applying Deep Learning to Answer Selection: A Study and An Open Task".
 """
 
 from __future__ import annotations
@@ -40,7 +40,11 @@ def clean(text: str) -> str:
 
 
 def convert(
-    output: str, splits: list[str], max_queries: int | None = None, pool_only: bool = False, negatives: int | None = None
+    output: str,
+    splits: list[str],
+    max_queries: int | None = None,
+    pool_only: bool = False,
+    negatives: int | None = None,
 ) -> dict:
     """Write the BEIR folder; returns the counts written."""
     answers = load("answers")
