@@ -45,10 +45,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", default="/tmp/evaltable")
     parser.add_argument("--only", nargs="*", default=None, help="labels of the precisions to run")
+    parser.add_argument(
+        "--subset", type=int, default=None, help="the first N valid questions, the corpus their candidate pools only"
+    )
     args = parser.parse_args()
-    folder = os.path.join(args.work, "insuranceqa")
+    name = "insuranceqa" if args.subset is None else f"insuranceqa-valid{args.subset}-pools"
+    folder = os.path.join(args.work, name)
     if not os.path.exists(os.path.join(folder, "corpus.jsonl")):
-        print(convert(folder, ["valid", "test"]))
+        splits = ["valid", "test"] if args.subset is None else ["valid"]
+        print(convert(folder, splits, max_queries=args.subset, pool_only=args.subset is not None))
+    tag = "" if args.subset is None else f"-valid{args.subset}"
     print(cpu_description())
     rows = []
     for label, backend, precision in PRECISIONS:
@@ -57,19 +63,19 @@ def main() -> None:
         config = EmbedderConfig(model_path(), backend=backend, precision=precision, show_progress_bar=False)
         encoder = open_encoder(config, "cpu")
         try:
-            corpus = os.path.join(args.work, f"corpus-{label}.parquet")
+            corpus = os.path.join(args.work, f"corpus-{label}{tag}.parquet")
             report = tembed.eval.retrieval(
                 folder, config, split="valid", encoder=encoder, corpus_embeddings=corpus, report=print
             )
             sts = tembed.eval.sts(builtin_sts("stsb"), config, encoder=encoder)
         finally:
             encoder.close()
-        report.save(os.path.join(args.work, f"retrieval-{label}.json"))
+        report.save(os.path.join(args.work, f"retrieval-{label}{tag}.json"))
         sts.save(os.path.join(args.work, f"sts-{label}.json"))
         rows.append(
             row(f"model {label} ({report.model['backend']}, {report.model['effective_precision']})", report, sts)
         )
-        if label == "fp32":
+        if label == "fp32" and args.subset is None:
             for quantize, rescore in QUANTIZED:
                 started = time.perf_counter()
                 quantized = tembed.eval.retrieval(
@@ -83,7 +89,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for line in rows:
         print(line)
-    with open(os.path.join(args.work, "table.md"), "w", encoding="utf-8") as handle:
+    with open(os.path.join(args.work, f"table{tag}.md"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(rows) + "\n")
 
 
