@@ -29,7 +29,7 @@ from tembed.types import Role
 
 if TYPE_CHECKING:
     from tembed.encoder import Encoder
-    from tembed.settings import EmbedderConfig
+    from tembed.settings import EmbedderConfig, Settings
 
 
 def retrieval(
@@ -101,9 +101,8 @@ def retrieval(
             held.callback(encoder.close)
         timings["load"] = time.perf_counter() - started
         path = corpus_embeddings or os.path.join(held.enter_context(tempfile.TemporaryDirectory()), "c.parquet")
-        job = _CorpusJob(
-            data, path, config, passage_max_length, progress, report, skip_invalid, corpus_embeddings is not None
-        )
+        keep = corpus_embeddings is not None
+        job = _CorpusJob(data, path, config, passage_max_length, progress, report, skip_invalid, keep)
         corpus, rejected = _corpus(job, encoder, options, timings)
         settings = encoder.settings
         run = _rank(encoder, corpus, query_ids, query_texts, query_max_length, options, timings, progress)
@@ -111,8 +110,7 @@ def retrieval(
     metrics = retrieval_metrics(qrels, run, k_values)
     timings["metrics"] = time.perf_counter() - started
     data_record = {**data.fingerprint(), **_counts(query_ids, corpus.rows, rejected, qrels)}
-    record = _options_record(options, k_values, corpus_embeddings)
-    memory = _memory(options, settings.dim, settings.colbert_dim)
+    record, memory = _options_record(options, k_values, corpus_embeddings), _memory(options, settings)
     return EvalReport("retrieval", metrics, settings_record(settings), data_record, record, timings, memory)
 
 
@@ -268,7 +266,9 @@ def _options_record(options: SearchOptions, k_values: Sequence[int], corpus_embe
     return record
 
 
-def _memory(options: SearchOptions, dim: int, colbert_dim: int | None) -> dict[str, Any]:
+def _memory(options: SearchOptions, settings: Settings) -> dict[str, Any]:
+    """Bytes per vector as searched (and per ColBERT token)."""
+    dim, colbert_dim = settings.dim, settings.colbert_dim
     from tembed.quantization import bytes_per_vector
 
     if "dense" not in options.outputs:
