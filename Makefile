@@ -59,7 +59,17 @@ test: test-deps reference-venv
 	if [ $$linted -ne 0 ]; then echo "make lint failed (above)"; fi; \
 	[ $$tests -eq 0 ] && [ $$linted -eq 0 ]
 
-bench: test-deps
+# FastEmbed runs in the same benchmark run. --no-deps: fastembed 0.9.1 asks for huggingface-hub<2, which transformers
+# 5 needs newer; it only reads local files here (benchmarks/bench.py), which works with the newer hub.
+BENCH_PACKAGES := fastembed==0.9.1 "loguru>=0.7.2,<0.8" "mmh3>=4.1,<6" "py-rust-stemmers>=0.1,<0.2" "pillow>=10.3,<14"
+
+$(VENV)/.bench-installed: $(VENV)/.test-installed
+	$(PIP) --no-compile --no-deps $(BENCH_PACKAGES)
+	touch $@
+
+# The CPU table of docs/cpu-performance.md: sentence-transformers, FastEmbed and tembed in one run (prints the CPU
+# and its AVX2 / AVX-512 / VNNI / BF16 / AMX flags first).
+bench: $(VENV)/.bench-installed
 	$(BIN)/python benchmarks/bench.py
 
 # The HTTP server against the library and a plain sentence-transformers server, on 127.0.0.1 (docs/server.md).

@@ -185,24 +185,53 @@ def test_torch_reports_its_dtype(minilm_path):
 
 # ------------------------------------------------------------------------------ item 13: the int8 recipe per CPU
 def test_int8_recipe_follows_the_instruction_set(tmp_path):
-    from tembed.backends.quantize import OPENVINO_INT8_RECIPES, cpu_flags, openvino_int8_recipe
+    from tembed.backends.cpu import cpu_flags, cpu_model, describe_cpu, instruction_set, int8_engine
+    from tembed.backends.quantize import OPENVINO_INT8_RECIPES, openvino_int8_recipe
 
-    for flags, recipe in [
-        ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, "vnni"),  # Zen 4, Ice Lake and later Xeons
-        ({"avx2", "avx_vnni"}, "vnni"),  # Alder Lake and later clients
-        ({"avx2", "amx_int8"}, "vnni"),
-        ({"avx2", "fma"}, "no-vnni"),  # Zen 2/3, Haswell to Comet Lake
-        ({"avx2", "avx512f", "avx512bw"}, "no-vnni"),  # Skylake-X: AVX-512 but no VNNI
-        (set(), "no-vnni"),  # unknown
+    for flags, recipe, engine, isa in [
+        ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, "vnni", "openvino", "avx512-vnni"),  # Zen 4, Ice Lake+
+        ({"avx2", "avx_vnni"}, "vnni", "openvino", "avx-vnni"),  # Alder Lake and later clients
+        ({"avx2", "avx512f", "avx512_vnni", "amx_int8"}, "vnni", "openvino", "amx"),  # Sapphire Rapids
+        ({"avx2", "fma"}, "no-vnni", "onnx", "avx2"),  # Zen 2/3, Haswell to Comet Lake
+        ({"avx2", "avx512f", "avx512bw"}, "no-vnni", "onnx", "avx512"),  # Skylake-X: AVX-512 but no VNNI
+        (set(), "no-vnni", "onnx", "baseline"),  # unknown
     ]:
         assert openvino_int8_recipe(frozenset(flags)) == recipe, flags
+        assert int8_engine(frozenset(flags)) == engine, flags
+        assert instruction_set(frozenset(flags)) == isa, flags
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512_vnni\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC 7B13 64-Core Processor\nflags\t\t: fpu sse avx2 avx512_vnni\n\n"
+        "processor\t: 1\nflags\t\t: fpu\n"
+    )
     assert cpu_flags(str(cpuinfo)) == {"fpu", "sse", "avx2", "avx512_vnni"}
     assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+    assert cpu_model(str(cpuinfo)) == "AMD EPYC 7B13 64-Core Processor"
+    assert cpu_model(str(tmp_path / "missing"))  # platform's answer, never empty
+    assert describe_cpu(frozenset({"avx2", "fma"}), "Zen 3") == (
+        "Zen 3 [avx2]: avx2 fma -avx512f -avx512_vnni -avx_vnni -avx512_bf16 -amx_bf16 -amx_int8"
+    )
     # The VNNI recipe is the one measured on Zen 4 (docs/cpu-performance.md); without VNNI, int8 weights only.
     assert OPENVINO_INT8_RECIPES["vnni"] == {"keep_fp32": "first_down", "preset": "mixed"}
     assert OPENVINO_INT8_RECIPES["no-vnni"] == {"weights_only": True}
+
+
+def test_int8_engine_follows_the_cpu_not_the_installed_packages(monkeypatch):
+    """precision="int8" picks OpenVINO static int8 with VNNI and ONNX Runtime dynamic int8 without (where OpenVINO
+    int8 is slower than fp32), whatever optional packages are installed."""
+    import torch
+
+    from tembed.backends import cpu, select
+
+    device = torch.device("cpu")
+    for installed in (True, False):
+        monkeypatch.setattr(select, "_installed", lambda module, answer=installed: answer)
+        monkeypatch.setattr(cpu, "cpu_flags", lambda path=cpu.CPUINFO: frozenset({"avx2", "fma"}))
+        assert select.choose_backend("auto", "int8", device, "bert") == "onnx"
+        monkeypatch.setattr(cpu, "cpu_flags", lambda path=cpu.CPUINFO: frozenset({"avx2", "avx512_vnni"}))
+        assert select.choose_backend("auto", "int8", device, "bert") == "openvino"
+        assert select.choose_backend("auto", "int8", device, "llama") == "onnx"  # export untested: no NNCF recipe
+        assert select.choose_backend("auto", "fp32", device, "bert") == "openvino"
 
 
 def test_int8_ir_file_name_carries_the_recipe(tmp_path, monkeypatch):
@@ -271,7 +300,7 @@ def test_unreadable_onnx_runtime_int8_is_rebuilt(cache, minilm_path, monkeypatch
     texts = ["int8 weights", "a second sentence, a bit longer than the first one"]
     with Embedder(minilm_path, device="cpu", backend="onnx", precision="int8") as first:
         expected = first.encode(texts)
-    _truncate(os.path.join(cache, "int8-v2.onnx"))
+    _truncate(os.path.join(cache, export.ONNXRUNTIME_INT8_FILE))
     with (
         pytest.warns(UserWarning, match=UNREADABLE),
         Embedder(minilm_path, device="cpu", backend="onnx", precision="int8") as again,
@@ -515,3 +544,28 @@ def test_stale_derived_staging_is_swept(tmp_path):
 
     export.derived_file(onnx_path, "int8-v2.onnx", build)
     assert sorted(os.listdir(tmp_path)) == ["int8-v2.onnx", "model.onnx"]
+
+
+def test_exports_with_external_weights_are_quantized_unfused(tmp_path):
+    """ONNX Runtime's fusion tool cannot rewrite exports whose weights live in external files (models over
+    ~1.5 GB): those are quantized as exported, and nothing is written in the fused file's place."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tembed.backends.quantize import fuse_for_onnxruntime, uses_external_data
+
+    weight = numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [weight],
+    )
+    inline, external = str(tmp_path / "inline.onnx"), str(tmp_path / "external.onnx")
+    onnx.save(helper.make_model(graph), inline)
+    onnx.save(helper.make_model(graph), external, save_as_external_data=True, size_threshold=0, location="w.bin")
+    assert not uses_external_data(inline)
+    assert uses_external_data(external)
+    assert fuse_for_onnxruntime(external, str(tmp_path / "fused.onnx")) is False
+    assert not os.path.exists(tmp_path / "fused.onnx")

@@ -190,53 +190,88 @@ def test_bf16_quality_floor(sts_test_fp32, minilm_path):
     assert abs(spearman - PUBLISHED_STSB_SPEARMAN) <= 0.1
 
 
-def test_int8_meets_its_targets(minilm, minilm_path, sts_test_fp32):
-    """The default int8 (OpenVINO static int8): Spearman within 0.3, mean cosine >= 0.99, min >= 0.97.
+# The floors per int8 engine (docs/cpu-performance.md has the measured values): OpenVINO static int8 (CPUs with
+# VNNI) and int8 weights only (explicit backend="openvino" without VNNI) meet tembed's int8 targets; ONNX Runtime
+# dynamic int8 (the int8 of CPUs without VNNI, where it is the only int8 faster than fp32) quantizes activations per
+# batch and has a lower floor (measured on STS-B + 500 answers: mean 0.993, min 0.968, Spearman 81.81).
+INT8_FLOORS = {"openvino": (0.99, 0.97, 0.3), "onnx": (0.99, 0.95, 0.5)}  # cos mean, cos min, |Spearman - 82.03|
 
-    On this CPU's recipe: ``"vnni"`` (AVX512-VNNI / AVX-VNNI / AMX: static int8) or ``"no-vnni"`` (AVX2: int8
-    weights only; static int8 misses the floor there, its int16 sums saturating without VNNI).
-    """
-    pytest.importorskip("nncf")
-    from tembed.backends.quantize import openvino_int8_recipe
 
+def _check_int8(embedder: Embedder, minilm: Embedder, sts_test_fp32: np.ndarray) -> None:
     answers = insuranceqa_answers()[:500]
-    texts = sts_b_sentences("test") + answers
-    with Embedder(minilm_path, device="cpu", precision="int8", show_progress_bar=False) as e:
-        assert e.backend_name == "openvino"
-        assert e.backend.int8_recipe == openvino_int8_recipe()
-        vectors = e.encode(texts, max_length=256)  # the STS-B sentences are far shorter than 256 tokens
+    vectors = embedder.encode(sts_b_sentences("test") + answers, max_length=256)  # the sentences are far shorter
     # The sentences' fp32 vectors are the module's (no truncation either way); only the answers are encoded here.
     expected = np.concatenate([sts_test_fp32, minilm.encode(answers, max_length=256)])
     assert expected.shape == vectors.shape
     cosines = _cosines(vectors, expected)
     spearman = _spearman_of(vectors)
+    recipe = getattr(embedder.backend, "int8_recipe", None) or "dynamic"
     print(
-        f"[int8 openvino, recipe {openvino_int8_recipe()}] cos mean {cosines.mean():.6f} min {cosines.min():.5f} "
+        f"[int8 {embedder.backend_name}, recipe {recipe}] cos mean {cosines.mean():.6f} min {cosines.min():.5f} "
         f"spearman {spearman:.2f}"
     )
-    assert cosines.mean() >= 0.99
-    assert cosines.min() >= 0.97
-    assert abs(spearman - PUBLISHED_STSB_SPEARMAN) <= 0.3
+    mean_floor, min_floor, spearman_gap = INT8_FLOORS[embedder.backend_name]
+    assert cosines.mean() >= mean_floor
+    assert cosines.min() >= min_floor
+    assert abs(spearman - PUBLISHED_STSB_SPEARMAN) <= spearman_gap
 
 
-def test_onnx_runtime_int8_quality_floor(sts_test_fp32, minilm_path):
-    """ONNX Runtime dynamic int8 (no calibration): a lower, documented floor."""
-    texts = sts_b_sentences("test")
+def test_int8_meets_its_targets(minilm, minilm_path, sts_test_fp32):
+    """``precision="int8"`` runs on the engine this CPU's instruction set picks and meets that engine's floor."""
+    from tembed.backends.cpu import int8_engine
+
+    with Embedder(minilm_path, device="cpu", precision="int8", show_progress_bar=False) as e:
+        assert e.backend_name == int8_engine()
+        assert e.effective_precision == "int8"
+        _check_int8(e, minilm, sts_test_fp32)
+
+
+def test_the_other_int8_engine_meets_its_floor(minilm, minilm_path, sts_test_fp32):
+    """The int8 engine this CPU does not pick, asked for by name: OpenVINO on CPUs without VNNI (int8 weights
+    only), ONNX Runtime dynamic int8 on CPUs with VNNI."""
+    from tembed.backends.cpu import int8_engine
+
+    other = "openvino" if int8_engine() == "onnx" else "onnx"
+    with Embedder(minilm_path, device="cpu", backend=other, precision="int8", show_progress_bar=False) as e:
+        _check_int8(e, minilm, sts_test_fp32)
+
+
+def test_onnx_runtime_int8_runs_on_the_fused_graph(minilm_path):
+    """The ONNX Runtime int8 file is quantized after ONNX Runtime's transformer fusions (residual add + LayerNorm,
+    bias + GELU), which compute what the plain export computes."""
+    import onnx
+    import onnxruntime as ort
+
+    from tembed.backends import export
+    from tembed.backends.onnxruntime import session_options
+    from tembed.backends.quantize import fuse_for_onnxruntime
+
     with Embedder(minilm_path, device="cpu", backend="onnx", precision="int8", show_progress_bar=False) as e:
-        vectors = e.encode(texts)
-    cosines = _cosines(vectors, sts_test_fp32)
-    spearman = _spearman_of(vectors)
-    print(f"[int8 onnxruntime] cos mean {cosines.mean():.6f} min {cosines.min():.5f} spearman {spearman:.2f}")
-    assert cosines.mean() >= 0.99
-    assert cosines.min() >= 0.95
-    assert abs(spearman - PUBLISHED_STSB_SPEARMAN) <= 0.5
+        onnx_path, names = e.backend.onnx_path, e.backend.input_names
+        batch = e.tokenizer.pad(e.tokenizer.encode(sts_b_sentences("test")[:64], 256))
+    ops = [node.op_type for node in onnx.load(export.onnxruntime_int8(onnx_path)).graph.node]
+    assert ops.count("SkipLayerNormalization") == 12 and ops.count("BiasGelu") == 6
+    assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
+    fused = os.path.join(os.path.dirname(onnx_path), "fused-test.onnx")
+    try:
+        assert fuse_for_onnxruntime(onnx_path, fused)
+        feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if "token_type_ids" in names:
+            feed["token_type_ids"] = np.zeros_like(batch.input_ids)
+        plain, fused_out = (
+            ort.InferenceSession(f, session_options(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+            for f in (onnx_path, fused)
+        )
+    finally:
+        os.remove(fused)
+    np.testing.assert_allclose(fused_out, plain, atol=2e-4)
 
 
 def test_backend_choice():
     import torch
 
     cpu = torch.device("cpu")
-    assert choose_backend("auto", "int8", cpu, "bert") == "openvino"  # nncf is a test dependency
+    assert choose_backend("auto", "int8", cpu, "bert") in ("openvino", "onnx")  # by instruction set (hardening)
     assert choose_backend("auto", "fp32", cpu, "bert") == "openvino"
     assert choose_backend("auto", "fp32", cpu, "llama") == "torch"  # export not tested for decoders
     assert choose_backend("auto", "int8", cpu, "llama") == "onnx"

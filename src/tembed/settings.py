@@ -345,10 +345,9 @@ def planned_precision(precision: str, backend: str, on_cpu: bool) -> str:
     if precision == "auto":
         return "fp32" if on_cpu else "fp16"
     if precision == "bf16" and backend == "openvino":
-        from tembed.backends.quantize import cpu_flags
+        from tembed.backends.cpu import has_native_bf16
 
-        flags = cpu_flags()
-        return "bf16" if {"avx512_bf16", "amx_bf16"} & flags else "fp32"
+        return "bf16" if has_native_bf16() else "fp32"
     return precision
 
 

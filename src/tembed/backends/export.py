@@ -36,7 +36,7 @@ EXPORT_VERSION = 2  # bump when the export recipe or the cache key changes (2: k
 OPSET = 18
 FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".model", ".txt")
 STALE_STAGING_SECONDS = 3600  # staging left by another machine (or a reused pid) is swept after this long
-ONNXRUNTIME_INT8_FILE = "int8-v2.onnx"
+ONNXRUNTIME_INT8_FILE = "int8-v3.onnx"  # v3: quantized after ONNX Runtime's fusions
 _HASH_CHUNK = 1 << 20
 
 
@@ -277,10 +277,16 @@ def derived_file(onnx_path: str, name: str, build: Callable[[str, str], None]) -
 
 
 def _onnxruntime_dynamic_int8(source: str, target: str) -> None:
-    """ORT dynamic int8 (per-channel weights), the first FFN down-projection kept fp32 (see backends/quantize.py)."""
-    from tembed.backends.quantize import quantize_dynamic_int8
+    """ORT dynamic int8 (per-channel weights) of the fused export, the first FFN down-projection kept fp32 (see
+    backends/quantize.py)."""
+    from tembed.backends.quantize import fuse_for_onnxruntime, quantize_dynamic_int8
 
-    quantize_dynamic_int8(source, target, keep_fp32="first_down")
+    fused = f"{target}.fused.tmp"  # a staging name: swept if this process dies
+    try:
+        quantize_dynamic_int8(fused if fuse_for_onnxruntime(source, fused) else source, target, keep_fp32="first_down")
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(fused)
 
 
 def onnxruntime_int8(onnx_path: str) -> str:

@@ -34,7 +34,9 @@ class OnnxRuntimeBackend(OnnxBackendBase):
     Args:
         path: the model folder (exported on first use, then cached).
         precision: ``"fp32"`` (same vectors as torch within float round-off) or ``"int8"`` (dynamic
-            quantization with per-channel int8 weights, activations quantized per batch; cosine about 0.99 to fp32).
+            quantization with per-channel int8 weights, activations quantized per batch, on the graph ONNX Runtime's
+            transformer fusions made; mean cosine 0.993 to fp32, min 0.968 on STS-B; the int8 that is faster than
+            fp32 on CPUs without VNNI: :func:`tembed.backends.cpu.int8_engine`).
         masked_lm: export the masked-LM logits too (SPLADE).
         trust_remote_code: allow the checkpoint's own code during export.
     """

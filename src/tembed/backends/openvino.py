@@ -94,7 +94,7 @@ class OpenVinoBackend(OnnxBackendBase):
         precision: ``"fp32"`` (f32 inference hint: faithful) or ``"bf16"`` (bf16 hint: faster on CPUs with
             AVX512-BF16 or AMX, cosine >= 0.9999 to fp32; fp32 on the others) or ``"int8"`` (NNCF int8 per
             instruction set, see :data:`tembed.backends.quantize.OPENVINO_INT8_RECIPES`: static int8 calibrated on
-            the packaged text with VNNI, int8 weights only without; built once and cached; needs nncf).
+            the packaged text with VNNI, int8 weights only without; built once and cached).
         masked_lm: export the masked-LM logits too (SPLADE).
         trust_remote_code: allow the checkpoint's own code during export.
     """

@@ -61,11 +61,12 @@ def choose_backend(backend: str, precision: str, device: HasDeviceType, model_ty
     """The concrete backend for a request (``device``: a ``torch.device`` or anything with its ``type``).
 
     ``"auto"`` is torch on GPUs. On the CPU, for encoder models whose export is tested (``model_type`` in
-    :data:`EXPORT_TESTED_MODEL_TYPES`) and with OpenVINO installed: ``fp32`` runs on OpenVINO (same vectors as
-    torch, and faster), ``bf16`` on OpenVINO (faster and more faithful than torch bf16; fp32 with a warning on CPUs
-    without native bf16), ``int8`` on OpenVINO with NNCF (static int8 on CPUs with VNNI, int8 weights only on the
-    others: the recipes that meet tembed's int8 targets, see :data:`tembed.backends.quantize.OPENVINO_INT8_RECIPES`)
-    when nncf is installed, else ONNX Runtime dynamic int8. Otherwise torch (int8: ONNX Runtime).
+    :data:`EXPORT_TESTED_MODEL_TYPES`): ``fp32`` runs on OpenVINO (same vectors as torch, and faster), ``bf16`` on
+    OpenVINO (faster and more faithful than torch bf16; fp32 with a warning on CPUs without native bf16), ``int8``
+    on the engine this CPU's instruction set makes fastest (:func:`tembed.backends.cpu.int8_engine`): OpenVINO
+    static int8 with VNNI / AMX, ONNX Runtime dynamic int8 without (where OpenVINO int8 is slower than fp32).
+    The choice never depends on which packages are installed (OpenVINO, NNCF and ONNX Runtime are dependencies).
+    Other models run on torch (int8: ONNX Runtime).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -77,8 +78,10 @@ def choose_backend(backend: str, precision: str, device: HasDeviceType, model_ty
         return "torch"
     exportable = model_type is None or model_type in EXPORT_TESTED_MODEL_TYPES
     if precision == "int8":
-        return "openvino" if exportable and _installed("openvino") and _installed("nncf") else "onnx"
-    if precision in ("auto", "fp32", "bf16") and exportable and _installed("openvino"):
+        from tembed.backends.cpu import int8_engine
+
+        return int8_engine() if exportable else "onnx"
+    if precision in ("auto", "fp32", "bf16") and exportable:
         return "openvino"
     return "torch"
 

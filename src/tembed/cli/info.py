@@ -39,4 +39,8 @@ def info_command(
         typer.echo(f"error: cannot resolve {model}: {type(error).__name__}: {error}", err=True)
         raise typer.Exit(2) from None
     info = {"model": model, **settings.as_dict(), "embedding_dim": settings.dim}
+    if settings.device == "cpu":  # what picks the CPU engines (int8: tembed.backends.cpu.int8_engine)
+        from tembed.backends.cpu import describe_cpu
+
+        info["cpu"] = describe_cpu()
     typer.echo(json.dumps(info, indent=2, ensure_ascii=False))
