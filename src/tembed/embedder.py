@@ -52,7 +52,8 @@ class Embedder:
         batch_size: the most texts per forward pass; None: 64 on the CPU, 256 on GPUs.
         max_batch_tokens: the most padded tokens per forward pass; None: 4,096 on the CPU, no cap on GPUs.
         precision: ``"auto"`` (fp32 on CPU, fp16 on GPU), ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"int8"``
-            (CPU: OpenVINO with NNCF, or ONNX Runtime). Outputs are float32 whatever the compute precision.
+            (CPU: OpenVINO static int8 with VNNI / AMX, ONNX Runtime dynamic int8 without). Outputs are float32
+            whatever the compute precision.
             Fidelity and speed of each on a CPU: docs/cpu-performance.md.
         truncate_dim: keep the first ``truncate_dim`` dimensions (Matryoshka) before normalizing.
         show_progress_bar: True / False, or None to show a bar for inputs of 1,024 texts or more when stderr is a
