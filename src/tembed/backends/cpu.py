@@ -17,28 +17,26 @@ BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 CPUINFO = "/proc/cpuinfo"
 
 
-def cpu_flags(path: str = CPUINFO) -> frozenset[str]:
-    """The CPU's feature flags as Linux reports them (``avx2``, ``avx512_vnni``...); empty where unknown."""
+def _cpuinfo_field(path: str, *keys: str) -> str | None:
+    """The value of the first ``/proc/cpuinfo`` line starting with one of ``keys``; None where there is none."""
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
             for line in handle:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.partition(":")[2].split())
+                if line.startswith(keys):
+                    return line.partition(":")[2].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def cpu_flags(path: str = CPUINFO) -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (``avx2``, ``avx512_vnni``...); empty where unknown."""
+    return frozenset((_cpuinfo_field(path, "flags", "Features") or "").split())
 
 
 def cpu_model(path: str = CPUINFO) -> str:
     """The CPU's model name (``/proc/cpuinfo``'s ``model name``), else what :mod:`platform` knows."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return _cpuinfo_field(path, "model name") or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def has_int8_dot(flags: frozenset[str] | None = None) -> bool:
